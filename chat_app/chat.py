@@ -1,0 +1,81 @@
+"""Conversation logic without Gradio: prompt building, history flattening, votes, demonstrations."""
+from __future__ import annotations
+
+from chat_app.store import CHOICES, Store
+
+ROLES = ("system", "user", "assistant")
+VOTE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+
+
+class ChatInputError(ValueError):
+    """Bad input from a user or an API caller; the message says what is wrong."""
+
+
+def flatten_content(content) -> str:
+    """Text of a message's content: a string, or Gradio 6 / OpenAI parts [{"type": "text", "text": ...}]."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(flatten_content(part) for part in content)
+    return str(content)
+
+
+def clean_messages(messages) -> list[dict]:
+    """Validated [{"role", "content"}] with plain-text content; ChatInputError says what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatInputError("messages must be a non-empty list of {role, content} objects")
+    cleaned = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ChatInputError(f"messages[{i}] must be an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatInputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        cleaned.append({"role": role, "content": flatten_content(message.get("content"))})
+    if cleaned[-1]["role"] != "user":
+        raise ChatInputError("the last message must have role 'user'")
+    return cleaned
+
+
+def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], int]:
+    """Token ids of the chat prompt, dropping the oldest turns until it fits; returns (ids, turns_dropped)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 may hand back a BatchEncoding
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if len(ids) <= max_prompt_tokens or len(turns) <= 1:
+            break
+        # drop the oldest user turn and the answer that followed it
+        cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+        turns = turns[cut:]
+        dropped += cut
+    if len(ids) > max_prompt_tokens:  # one message longer than the window: keep its end
+        ids = ids[-max_prompt_tokens:]
+        dropped += 1
+    return ids, dropped
+
+
+def cast_vote(store: Store, comparison_id, choice: str, voter: str | None) -> tuple[str, str]:
+    """Record a vote; returns (status, message) with status ok | unknown | duplicate | invalid."""
+    if choice not in CHOICES:
+        return "invalid", f"choice must be one of {', '.join(CHOICES)}"
+    if not isinstance(comparison_id, int) or isinstance(comparison_id, bool):
+        return "invalid", "comparison_id must be an integer"
+    status = store.record_vote(comparison_id, choice, voter)
+    messages = {"ok": f"Thanks! Vote recorded: {VOTE_LABELS[choice]}.",
+                "unknown": f"No comparison with id {comparison_id}.",
+                "duplicate": f"Comparison {comparison_id} already has a vote; a second one is not counted."}
+    return status, messages[status]
+
+
+def chosen_answer(choice: str, answer_a: str, answer_b: str) -> str:
+    """The answer that continues the conversation: B when B won, else A (ties and both-bad keep A)."""
+    return answer_b if choice == "b" else answer_a

