@@ -1,6 +1,8 @@
 """Conversation logic without Gradio: prompt building, history flattening, votes, demonstrations."""
 from __future__ import annotations
 
+import random
+
 from chat_app.store import CHOICES, Store
 
 ROLES = ("system", "user", "assistant")
@@ -72,10 +74,41 @@ def cast_vote(store: Store, comparison_id, choice: str, voter: str | None) -> tu
     status = store.record_vote(comparison_id, choice, voter)
     messages = {"ok": f"Thanks! Vote recorded: {VOTE_LABELS[choice]}.",
                 "unknown": f"No comparison with id {comparison_id}.",
-                "duplicate": f"Comparison {comparison_id} already has a vote; a second one is not counted."}
+                "duplicate": f"Comparison {comparison_id} already has a vote; a second one is not counted.",
+                "incomplete": f"Comparison {comparison_id} is still being sampled; vote when both answers are done."}
     return status, messages[status]
 
 
 def chosen_answer(choice: str, answer_a: str, answer_b: str) -> str:
     """The answer that continues the conversation: B when B won, else A (ties and both-bad keep A)."""
     return answer_b if choice == "b" else answer_a
+
+
+def sampling_settings(max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+
+
+def start_pair(store: Store, engine, messages: list[dict], *, source: str, max_new_tokens: int,
+               temperature: float, top_p: float, conversation_id: str | None = None):
+    """Reserve a comparison and queue two answers; returns (comparison_id, engine request)."""
+    seeds = [random.randrange(2**31) for _ in range(2)]
+    comparison_id = store.create_comparison(
+        prompt_messages=messages, sampling=sampling_settings(max_new_tokens, temperature, top_p),
+        source=source, conversation_id=conversation_id, seeds=seeds)
+    request = engine.submit(messages, n=2, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seeds=seeds)
+    return comparison_id, request
+
+
+def finish_pair(store: Store, comparison_id: int, result) -> None:
+    """Store both answers of a finished pair with the version that produced them."""
+    store.complete_comparison(comparison_id, answer_a=result.texts[0], answer_b=result.texts[1],
+                              policy_version=result.version, latency_ms=result.latency_ms,
+                              ended_with_eos=tuple(result.ended_with_eos), turns_dropped=result.turns_dropped)
+
+
+def truncation_notice(turns_dropped: int) -> str:
+    if not turns_dropped:
+        return ""
+    return (f"The conversation is longer than the model's context window: the oldest {turns_dropped} "
+            f"message{'s' if turns_dropped > 1 else ''} were left out of this answer's prompt.")

@@ -32,10 +32,10 @@ def m001_initial(db):
         comparison_id INTEGER REFERENCES comparisons(id), created_at TEXT NOT NULL)""")
     db.execute("""CREATE TABLE comparisons (id INTEGER PRIMARY KEY,
         conversation_id TEXT REFERENCES conversations(id), prompt_json TEXT NOT NULL,
-        answer_a TEXT NOT NULL, answer_b TEXT NOT NULL, policy_version TEXT NOT NULL,
+        answer_a TEXT NOT NULL DEFAULT '', answer_b TEXT NOT NULL DEFAULT '', policy_version TEXT,
         sampling_json TEXT NOT NULL, seed_a INTEGER, seed_b INTEGER, latency_ms REAL,
         ended_with_eos_a INTEGER, ended_with_eos_b INTEGER, turns_dropped INTEGER NOT NULL DEFAULT 0,
-        source TEXT NOT NULL, created_at TEXT NOT NULL,
+        source TEXT NOT NULL, created_at TEXT NOT NULL, completed_at TEXT,
         choice TEXT CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), voter TEXT, voted_at TEXT)""")
     db.execute("CREATE INDEX comparisons_voted_at ON comparisons(voted_at)")
     db.execute("""CREATE TABLE demonstrations (id INTEGER PRIMARY KEY,
@@ -105,22 +105,34 @@ class Store:
         return self._rows("SELECT role, content, comparison_id FROM messages WHERE conversation_id = ? ORDER BY id",
                           [conversation_id])
 
-    def create_comparison(self, *, prompt_messages: list[dict], answer_a: str, answer_b: str, policy_version: str,
-                          sampling: dict, source: str, conversation_id: str | None = None,
-                          seeds: tuple[int, int] | None = None, latency_ms: float | None = None,
-                          ended_with_eos: tuple[bool, bool] | None = None, turns_dropped: int = 0) -> int:
-        """Store a sampled pair (no vote yet); returns its id."""
-        seeds = seeds or (None, None)
-        eos = ended_with_eos or (None, None)
+    def create_comparison(self, *, prompt_messages: list[dict], sampling: dict, source: str,
+                          conversation_id: str | None = None, seeds: list[int] | None = None) -> int:
+        """Reserve a comparison row before sampling (so a stream can name it); answers come with complete_comparison."""
+        seeds = list(seeds or []) + [None, None]
         with self.lock:
             cursor = self.db.execute(
-                """INSERT INTO comparisons (conversation_id, prompt_json, answer_a, answer_b, policy_version,
-                   sampling_json, seed_a, seed_b, latency_ms, ended_with_eos_a, ended_with_eos_b, turns_dropped,
-                   source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [conversation_id, json.dumps(prompt_messages), answer_a, answer_b, policy_version,
-                 json.dumps(sampling), seeds[0], seeds[1], latency_ms, eos[0], eos[1], turns_dropped,
-                 source, utc_now()])
+                """INSERT INTO comparisons (conversation_id, prompt_json, sampling_json, seed_a, seed_b, source,
+                   created_at) VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [conversation_id, json.dumps(prompt_messages), json.dumps(sampling), seeds[0], seeds[1], source,
+                 utc_now()])
             return cursor.lastrowid
+
+    def complete_comparison(self, comparison_id: int, *, answer_a: str, answer_b: str, policy_version: str,
+                            latency_ms: float | None = None, ended_with_eos: tuple[bool, bool] | None = None,
+                            turns_dropped: int = 0) -> None:
+        """Store both sampled answers; only then can the comparison be voted on."""
+        eos = list(ended_with_eos or (None, None))
+        with self.lock:
+            self.db.execute(
+                """UPDATE comparisons SET answer_a = ?, answer_b = ?, policy_version = ?, latency_ms = ?,
+                   ended_with_eos_a = ?, ended_with_eos_b = ?, turns_dropped = ?, completed_at = ? WHERE id = ?""",
+                [answer_a, answer_b, policy_version, latency_ms, eos[0], eos[1], turns_dropped, utc_now(),
+                 comparison_id])
+
+    def delete_comparison(self, comparison_id: int) -> None:
+        """Forget a reserved comparison whose sampling failed (never one with a vote)."""
+        with self.lock:
+            self.db.execute("DELETE FROM comparisons WHERE id = ? AND choice IS NULL", [comparison_id])
 
     def comparison(self, comparison_id: int) -> dict | None:
         row = self._one("SELECT * FROM comparisons WHERE id = ?", [comparison_id])
@@ -130,17 +142,21 @@ class Store:
         return row
 
     def record_vote(self, comparison_id: int, choice: str, voter: str | None) -> str:
-        """Store a vote once: `ok`, `unknown` (no such comparison) or `duplicate` (already voted)."""
+        """Store a vote once: `ok`, `unknown` (no such comparison), `duplicate` (voted) or `incomplete` (still sampling)."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
         with self.lock:
             cursor = self.db.execute(
-                "UPDATE comparisons SET choice = ?, voter = ?, voted_at = ? WHERE id = ? AND choice IS NULL",
+                "UPDATE comparisons SET choice = ?, voter = ?, voted_at = ? "
+                "WHERE id = ? AND choice IS NULL AND completed_at IS NOT NULL",
                 [choice, voter, utc_now(), comparison_id])
             if cursor.rowcount == 1:
                 return "ok"
-            exists = self.db.execute("SELECT 1 FROM comparisons WHERE id = ?", [comparison_id]).fetchone()
-            return "duplicate" if exists else "unknown"
+            row = self.db.execute("SELECT choice, completed_at FROM comparisons WHERE id = ?",
+                                  [comparison_id]).fetchone()
+            if row is None:
+                return "unknown"
+            return "duplicate" if row[0] is not None else "incomplete"
 
     def add_demonstration(self, prompt_messages: list[dict], answer: str, author: str | None,
                           comparison_id: int | None = None) -> int:
@@ -179,7 +195,8 @@ class Store:
 
     def user_prompts(self, limit: int = 1000) -> list[list[dict]]:
         """Distinct prompt contexts users actually sent, newest first."""
-        rows = self._rows("SELECT prompt_json FROM comparisons GROUP BY prompt_json ORDER BY MAX(id) DESC LIMIT ?",
+        rows = self._rows("SELECT prompt_json FROM comparisons WHERE completed_at IS NOT NULL "
+                          "GROUP BY prompt_json ORDER BY MAX(id) DESC LIMIT ?",
                           [limit])
         return [json.loads(r["prompt_json"]) for r in rows]
 

@@ -1,0 +1,63 @@
+"""The App: built once at start-up and passed down; the only holder of long-lived state."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from chat_app.config import Config
+from chat_app.engine import GenerationEngine
+from chat_app.model import load_model, load_tokenizer
+from chat_app.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    config: Config
+    store: Store
+    engine: GenerationEngine    # the only thread that touches the policy; hot-swap is a queue message
+    scheduler: object | None = None  # chat_app.scheduler.RetrainScheduler, owns the retrain job
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def operator_password(self) -> str | None:
+        return os.environ.get(self.config.serve.operator_password_env) or None
+
+    def serving_version(self) -> str:
+        return self.engine.version
+
+    def close(self):
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        self.engine.stop()
+        self.store.close()
+
+
+def build_app(config: Config, with_scheduler: bool = True) -> App:
+    """Open the store, load the model, start the engine on the version the store says is serving."""
+    torch.set_num_threads(config.model.torch_threads)
+    store = Store(config.serve.db_path)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, tokenizer)
+    engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
+                              max_batch_requests=config.serve.max_batch_requests,
+                              kept_adapters=config.serve.kept_adapters).start()
+    serving = store.serving_version()
+    if serving is not None:
+        try:
+            engine.swap(serving["adapter_path"], serving["id"])
+        except RuntimeError as error:  # a missing adapter folder must not stop the app: serve the base
+            log.error("could not restore %s (%s); serving base", serving["id"], error)
+            store.mark_serving("base", actor="startup", action="restore-failed")
+    app = App(config=config, store=store, engine=engine)
+    if with_scheduler:
+        from chat_app.scheduler import RetrainScheduler
+
+        app.scheduler = RetrainScheduler(app)
+        app.scheduler.start()
+    return app

@@ -1,0 +1,134 @@
+"""Figures for the operator page, built from plain store rows (no Gradio; tests call them directly).
+
+Each builder returns a `matplotlib.figure.Figure` made without pyplot, so handlers in many threads
+never share pyplot's global state. Missing metric keys and empty data give a figure saying "no data yet".
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a server
+
+from matplotlib.figure import Figure  # noqa: E402
+
+SIZE = (5.5, 3.2)  # inches; two figures side by side fit a laptop screen
+SCORE_KEYS = ("eval/candidate_score", "objective/score")  # the gate's score first, PPO's own as a fallback
+
+
+def no_data(title: str, why: str = "no data yet") -> Figure:
+    """An empty figure with the title and a centred note."""
+    figure = Figure(figsize=SIZE, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set_title(title)
+    axes.text(0.5, 0.5, why, ha="center", va="center", fontsize=13, color="gray", transform=axes.transAxes)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return figure
+
+
+def metric(version: dict, *keys: str) -> float | None:
+    """The first of `keys` present in a version's metrics as a float, else None."""
+    metrics = version.get("metrics") or {}
+    for key in keys:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _parse_time(timestamp: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return None
+
+
+def votes_over_time(vote_times: list[str]) -> Figure:
+    """Cumulative votes against time, from store.vote_times() (ISO timestamps)."""
+    title = "Votes over time"
+    times = sorted(t for t in (_parse_time(s) for s in vote_times) if t is not None)
+    if not times:
+        return no_data(title)
+    figure = Figure(figsize=SIZE, layout="constrained")
+    axes = figure.add_subplot()
+    axes.step(times, range(1, len(times) + 1), where="post", color="tab:blue")
+    axes.plot(times[-1:], [len(times)], "o", color="tab:blue")
+    axes.set_title(f"{title} ({len(times)} in all)")
+    axes.set_ylabel("votes (cumulative)")
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    figure.autofmt_xdate()
+    return figure
+
+
+def _per_version(versions: list[dict], keys: tuple[str, ...]) -> tuple[list[str], list[float]]:
+    """(version ids, values) of the versions that have one of `keys`, in creation order."""
+    names, values = [], []
+    for version in versions:
+        value = metric(version, *keys)
+        if value is not None:
+            names.append(str(version.get("id")))
+            values.append(value)
+    return names, values
+
+
+def _bars(title: str, names: list[str], values: list[float], ylabel: str, *, color: str,
+          reference: float | None = None, ylim: tuple[float, float] | None = None) -> Figure:
+    figure = Figure(figsize=SIZE, layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(names, values, color=color)
+    if reference is not None:
+        axes.axhline(reference, color="gray", linestyle="--", linewidth=1)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    for x, value in enumerate(values):
+        axes.annotate(f"{value:.2f}", (x, value), ha="center", va="bottom", fontsize=8)
+    axes.set_title(title)
+    axes.set_ylabel(ylabel)
+    axes.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def reward_model_accuracy(versions: list[dict]) -> Figure:
+    """Held-out pair accuracy of each version's reward model ("rm/accuracy"); 0.5 is chance."""
+    title = "Reward model accuracy (held-out pairs)"
+    names, values = _per_version(versions, ("rm/accuracy",))
+    if not names:
+        return no_data(title)
+    return _bars(title, names, values, "accuracy", color="tab:green", reference=0.5, ylim=(0, 1.05))
+
+
+def reward_and_kl(versions: list[dict]) -> Figure:
+    """Mean reward-model score and KL to the base model per version, on two y axes."""
+    title = "Mean reward and KL per version"
+    rows = [(str(v.get("id")), metric(v, *SCORE_KEYS), metric(v, "objective/kl")) for v in versions]
+    rows = [row for row in rows if row[1] is not None or row[2] is not None]
+    if not rows:
+        return no_data(title)
+    figure = Figure(figsize=SIZE, layout="constrained")
+    score_axes = figure.add_subplot()
+    kl_axes = score_axes.twinx()
+    x = list(range(len(rows)))
+    scores = [(i, s) for i, (_, s, _) in enumerate(rows) if s is not None]
+    kls = [(i, k) for i, (_, _, k) in enumerate(rows) if k is not None]
+    if scores:
+        score_axes.plot(*zip(*scores), "o-", color="tab:blue", label="mean reward")
+    if kls:
+        kl_axes.plot(*zip(*kls), "s--", color="tab:red", label="KL to base (nats)")
+    score_axes.set_xticks(x, [name for name, _, _ in rows])
+    score_axes.set_ylabel("mean reward", color="tab:blue")
+    kl_axes.set_ylabel("KL (nats)", color="tab:red")
+    score_axes.set_title(title)
+    score_axes.grid(alpha=0.3)
+    return figure
+
+
+def win_rate(versions: list[dict]) -> Figure:
+    """Held-out win rate of each candidate against the policy it was compared with ("eval/win_rate")."""
+    title = "Win rate against the serving policy"
+    names, values = _per_version(versions, ("eval/win_rate",))
+    if not names:
+        return no_data(title)
+    return _bars(title, names, values, "win rate", color="tab:purple", reference=0.5, ylim=(0, 1.05))

@@ -1,0 +1,39 @@
+"""The web server: FastAPI routes first, then the Gradio UI mounted at "/"."""
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network here, and no phoning home
+
+from fastapi import FastAPI
+
+from chat_app.api import register_api
+from chat_app.app import App
+
+log = logging.getLogger(__name__)
+
+
+def create_web_app(app: App) -> FastAPI:
+    import gradio as gr
+
+    from chat_app.ui import CSS, THEME, build_ui
+
+    api = FastAPI(title="rlhf-chat", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    register_api(api, app)  # before the mount: routes added after a mount at "/" answer 404
+    return gr.mount_gradio_app(api, build_ui(app), path="/", theme=THEME, css=CSS)
+
+
+def serve(app: App) -> None:
+    import uvicorn
+
+    host, port = app.config.serve.host, app.config.serve.port
+    if not app.operator_password:
+        log.warning("the operator console is locked: set %s=<password> before starting to unlock it",
+                    app.config.serve.operator_password_env)
+    log.info("serving %s on http://%s:%d (API: /v1/chat/completions, /v1/feedback, /api/status)",
+             app.serving_version(), host, port)
+    try:
+        uvicorn.run(create_web_app(app), host=host, port=port, log_level="warning")
+    finally:
+        app.close()

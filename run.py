@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""The one entry point: serve (default), retrain, simulate, evaluate, bench, export, prepare."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    def command(name: str, help: str):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", default="configs/default.yaml", help="YAML config file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
+        p.add_argument("--db", help="SQLite file (default: serve.db_path)")
+        return p
+
+    p = command("serve", "start the chat app (UI, API, scheduler)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--retrain-every", type=float, metavar="MINUTES", help="minutes between retrain checks")
+    p.add_argument("--min-votes", type=int, metavar="M", help="new votes needed to start a run")
+    p = command("retrain", "run one training cycle (SFT, reward model, PPO, gate) and print a JSON summary")
+    p.add_argument("--run-id", type=int, help="(set by the scheduler) the training_runs row to report into")
+    p = command("simulate", "run the loop headless with simulated users")
+    p.add_argument("--oracle", required=True, help="module:function, judge(prompt, a, b) -> 'a'|'b'|'tie'")
+    p.add_argument("--prompts", help="JSONL with a prompt field, or plain lines (default: the seed prompts)")
+    p.add_argument("--votes", type=int, default=100, help="votes per cycle")
+    p.add_argument("--cycles", type=int, default=1)
+    p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
+    p = command("evaluate", "win rate of one policy against another, judged by an oracle")
+    p.add_argument("--oracle", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--policy", default="latest")
+    p.add_argument("--against", default="base")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt and policy")
+    p = command("bench", "measure serving and training speed")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--ppo-batch", type=int, default=8)
+    p.add_argument("--response-length", type=int, default=48)
+    p.add_argument("--iterations", type=int, default=2)
+    p = command("export", "write the votes as JSONL preference pairs (prompt, chosen, rejected)")
+    p.add_argument("--out", default="-", help="file, or - for stdout")
+    command("prepare", "fetch and cache the model, create the database")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from chat_app.config import load_config
+
+    overrides = list(args.overrides)
+    if args.db:
+        overrides.append(f"serve.db_path={args.db}")
+    if args.command == "serve":
+        overrides += [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
+    config = load_config(args.config, overrides)
+
+    if args.command == "serve":
+        from chat_app.app import build_app
+        from chat_app.server import serve
+
+        app = build_app(config)
+        changes = {}
+        if args.retrain_every is not None:
+            changes["retrain_every_minutes"] = args.retrain_every
+        if args.min_votes is not None:
+            changes["min_new_votes"] = args.min_votes
+        if changes:
+            app.scheduler.update_schedule(changes, actor="command line")
+        serve(app)
+    elif args.command == "prepare":
+        from chat_app.model import load_tokenizer, model_path
+        from chat_app.store import Store
+
+        print(json.dumps({"model": model_path(config.model), "vocab": len(load_tokenizer(config.model)),
+                          "db": Store(config.serve.db_path).schema_versions()}))
+    elif args.command == "retrain":
+        from trainer.pipeline import retrain
+
+        print(json.dumps(retrain(config, run_id=args.run_id), indent=2))
+    elif args.command == "simulate":
+        from trainer.simulate import simulate
+
+        simulate(config, oracle=args.oracle, prompts_file=args.prompts, votes=args.votes, cycles=args.cycles,
+                 server=args.server)
+    elif args.command == "evaluate":
+        from trainer.evaluate import evaluate_cli
+
+        print(json.dumps(evaluate_cli(config, oracle=args.oracle, prompts_file=args.prompts, policy=args.policy,
+                                      against=args.against, samples=args.samples), indent=2))
+    elif args.command == "bench":
+        from chat_app.bench import bench
+
+        bench(config, as_json=args.json, ppo_batch=args.ppo_batch, response_length=args.response_length,
+              iterations=args.iterations)
+    elif args.command == "export":
+        from chat_app.store import Store
+
+        rows = Store(config.serve.db_path).export_preferences()
+        out = sys.stdout if args.out == "-" else open(args.out, "w")
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+        if out is not sys.stdout:
+            out.close()
+            print(f"wrote {len(rows)} preference pairs to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+import pytest
+
+from chat_app.config import ConfigError, load_config
+
+
+def test_yaml_and_overrides_build_one_typed_object():
+    config = load_config("configs/tiny.yaml", ["ppo.kl_coef=0.1", "serve.port=9999", "lora.target_modules=[q_proj]"])
+    assert config.model.name == "tiny-random"
+    assert config.ppo.kl_coef == 0.1 and config.serve.port == 9999
+    assert config.lora.target_modules == ["q_proj"]
+
+
+@pytest.mark.parametrize("override, message", [("ppo.nope=1", "unknown config key: ppo.nope"),
+                                               ("serve.port=abc", "serve.port: expected int"),
+                                               ("ppo", "is not key=value")])
+def test_bad_keys_and_types_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_every_shipped_config_loads():
+    for name in ("default", "gpu", "tiny"):
+        load_config(f"configs/{name}.yaml")
+
+
+def test_quantization_without_cuda_is_a_clear_error():
+    import torch
+
+    from chat_app.model import ModelSetupError, check_quantization
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = load_config("configs/tiny.yaml", ["model.quantization=4bit"])
+    with pytest.raises(ModelSetupError, match="needs a CUDA GPU"):
+        check_quantization(config.model, torch.device("cpu"))

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from chat_app.chat import encode_prompt
+from chat_app.engine import GenerationEngine, decode
+from chat_app.model import load_model
+
+
+@pytest.fixture
+def engine(tiny_config, tokenizer):
+    model = load_model(tiny_config.model, tokenizer)
+    eng = GenerationEngine(model, tokenizer, max_context_tokens=256, max_batch_requests=8).start()
+    yield eng
+    eng.stop()
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_each_request_gets_two_answers_and_tokens_stream_in_order(engine):
+    request = engine.submit(ask("hello"), n=2, max_new_tokens=10, temperature=1.0)
+    streamed = {0: "", 1: ""}
+    events = list(request.stream())
+    for event in events[:-1]:
+        assert event[0] == "token"
+        streamed[event[1]] += event[2]
+    kind, result = events[-1]
+    assert kind == "done" and len(result.texts) == 2
+    assert [streamed[0], streamed[1]] == result.texts          # the stream adds up to the answers
+    assert result.version == "base"
+    assert all(0 < n <= 10 for n in result.completion_tokens)
+
+
+def test_waiting_requests_are_batched_and_each_gets_its_own_answers(tiny_config, tokenizer):
+    engine = GenerationEngine(load_model(tiny_config.model, tokenizer), tokenizer, max_context_tokens=256)
+    requests = [engine.submit(ask(f"question {i}"), n=2, max_new_tokens=6, seeds=[i, i + 100]) for i in range(4)]
+    engine.start()                                           # the four were waiting: one batch
+    results = [r.result() for r in requests]
+    engine.stop()
+    assert engine.batches_run == 1
+    for i, result in enumerate(results):
+        assert result.seeds == [i, i + 100] and len(result.texts) == 2
+
+
+def test_decode_matches_a_one_by_one_decode(tiny_config, tokenizer):
+    model = load_model(tiny_config.model, tokenizer)
+    prompts = [encode_prompt(tokenizer, ask(t), 200)[0] for t in ("a", "a much longer question about things")]
+    args = dict(temperature=[0.0, 0.0], top_p=[1.0, 1.0], seeds=[0, 0], eos_id=2, pad_id=2)
+    together, _ = decode(model, prompts, max_new_tokens=[8, 8], **args)
+    alone = [decode(model, [p], max_new_tokens=[8], temperature=[0.0], top_p=[1.0], seeds=[0], eos_id=2,
+                    pad_id=2)[0][0] for p in prompts]
+    assert together == alone                              # left padding changes nothing
+
+
+def test_a_long_history_is_cut_oldest_first(tokenizer):
+    history = []
+    for i in range(30):
+        history += [{"role": "user", "content": f"message {i} " + "word " * 20},
+                    {"role": "assistant", "content": "answer " * 20}]
+    history.append({"role": "user", "content": "the last question"})
+    ids, dropped = encode_prompt(tokenizer, history, 300)
+    assert len(ids) <= 300 and dropped > 0
+    assert "the last question" in tokenizer.decode(ids)
+    assert "message 0 " not in tokenizer.decode(ids)
+
+
+def test_a_swap_waits_for_the_batch_in_flight(engine, tmp_path, tiny_config):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_peft_model(load_model(tiny_config.model, engine.tokenizer),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "v1")
+    before = engine.submit(ask("first"), n=2, max_new_tokens=8)
+    pause_ms = engine.swap(str(tmp_path / "v1"), "v1")
+    after = engine.submit(ask("second"), n=2, max_new_tokens=8)
+    assert before.result().version == "base"
+    assert after.result().version == "v1" and pause_ms >= 0
+    engine.swap(None, "base")
+    assert engine.submit(ask("third"), n=1, max_new_tokens=4).result().version == "base"
+
+
+def test_a_bad_adapter_is_refused_and_serving_goes_on(engine, tmp_path):
+    with pytest.raises(RuntimeError, match="could not load"):
+        engine.swap(str(tmp_path / "missing"), "v9")
+    assert engine.version == "base"
+    assert engine.submit(ask("still there?"), n=2, max_new_tokens=4).result().version == "base"

@@ -1,0 +1,155 @@
+"""One retrain cycle: SFT (if demonstrations), reward model, PPO, evaluation gate, a new versioned adapter."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from chat_app.config import Config
+from chat_app.store import Store
+from trainer.data import load_prompts, prompt_pool
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Prints each update and stores it in the run's row, so the operator page can follow along."""
+
+    def __init__(self, store: Store, run_id: int, min_interval_s: float = 1.0):
+        self.store, self.run_id, self.min_interval_s = store, run_id, min_interval_s
+        self.last_write = 0.0
+        self.state: dict = {}
+
+    def __call__(self, update: dict):
+        self.state = {**self.state, **update, "updated_at": time.time()}
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in update.items())
+        print(f"[run {self.run_id}] {shown}", flush=True)
+        if time.time() - self.last_write >= self.min_interval_s or update.get("step") == update.get("steps"):
+            self.store.update_run(self.run_id, progress=self.state)
+            self.last_write = time.time()
+
+
+def retrain(config: Config, run_id: int | None = None, promote: bool | None = None) -> dict:
+    """Run one cycle and return its summary. Standalone runs (no run_id) promote in the DB themselves;
+    runs started by the server leave the hot-swap to it."""
+    store = Store(config.serve.db_path)
+    standalone = run_id is None
+    if run_id is None:
+        run_id = store.start_run("command line", pid=os.getpid())
+    promote = standalone if promote is None else promote
+    try:
+        summary = _retrain(config, store, run_id, promote)
+    except BaseException as error:   # recorded, then re-raised: the exit code tells the scheduler too
+        store.finish_run(run_id, "failed", error=f"{type(error).__name__}: {error}\n{traceback.format_exc()[-3000:]}")
+        raise
+    return summary
+
+
+def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
+    from chat_app.model import load_model, load_tokenizer
+    from trainer.evaluate import gate_decision, policy_stats
+    from trainer.ppo import load_value_head, make_policy, save_policy, train_ppo, ValueHead
+    from trainer.reward import train_reward_model
+    from trainer.sft import sft_loss, train_sft
+
+    progress = Progress(store, run_id)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    counts = store.vote_counts()
+    pairs, demos = store.preference_pairs(), store.demonstrations()
+    store.update_run(run_id, votes_total=counts["total"], pairs=len(pairs), demonstrations=len(demos))
+    metrics: dict = {"data/votes": counts["total"], "data/pairs": len(pairs), "data/ties": counts["tie"],
+                     "data/both_bad": counts["both_bad"], "data/demonstrations": len(demos)}
+    progress({"stage": "loading", "step": 0, "steps": 1})
+
+    # 1. the base, the serving adapter (the new policy starts from it) and the previous reward adapter
+    tokenizer = load_tokenizer(config.model)
+    serving = store.serving_version()
+    parent = serving["id"] if serving else "base"
+    previous_rm = serving.get("reward_adapter_path") if serving else None
+
+    # 2. reward model on every A/B vote
+    t0 = time.perf_counter()
+    reward_model, rm_metrics = train_reward_model(
+        config.model, config.reward, tokenizer, pairs,
+        init_adapter=previous_rm if config.reward.warm_start and previous_rm and Path(previous_rm).exists() else None,
+        progress=progress, seed=run_id)
+    timings["time/reward_s"] = time.perf_counter() - t0
+    metrics.update(rm_metrics)
+    if reward_model is None:
+        reason = rm_metrics.get("rm/skipped", "skipped")
+        store.finish_run(run_id, "skipped", error=reason, metrics=metrics)
+        return {"run_id": run_id, "status": "skipped", "reason": reason, **metrics}
+
+    # 3. the policy: LoRA over the base, warm-started from the serving adapter
+    base = load_model(config.model, tokenizer)
+    parent_path = serving["adapter_path"] if serving and Path(serving["adapter_path"]).exists() else None
+    policy = make_policy(base, config.lora, init_adapter=parent_path)
+    hidden = base.config.hidden_size
+    value_head = (load_value_head(parent_path, hidden) if parent_path else None) or ValueHead(hidden)
+    value_head.to(next(policy.parameters()).device)
+    max_prompt = config.model.max_context_tokens - config.ppo.response_length
+
+    # 4. SFT on user-written answers, when there are enough
+    if config.sft.enabled and len(demos) >= config.sft.min_demonstrations:
+        t0 = time.perf_counter()
+        metrics.update(train_sft(policy, tokenizer, demos, config.sft, max_prompt, progress=progress, seed=run_id))
+        timings["time/sft_s"] = time.perf_counter() - t0
+
+    # 5. PPO against the reward model, on prompts users sent (plus seed prompts), gate prompts held out
+    seed_prompts = load_prompts(config.schedule.seed_prompts) if config.schedule.seed_prompts else []
+    train_prompts, gate_prompts = prompt_pool(store.user_prompts(), seed_prompts, config.gate.eval_prompts, run_id)
+    ptx = None
+    if config.ppo.ptx_coef > 0 and demos:
+        ptx = lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)  # noqa: E731
+    t0 = time.perf_counter()
+    ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_model.score, config.ppo,
+                            progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id)
+    timings["time/ppo_s"] = time.perf_counter() - t0
+    metrics.update(ppo_metrics)
+
+    # 6. the gate: candidate and serving policy answer the same held-out prompts
+    t0 = time.perf_counter()
+    progress({"stage": "gate", "step": 0, "steps": 2})
+    if parent != "base":
+        policy.load_adapter(parent_path, adapter_name="serving")
+    stats_args = dict(samples=config.gate.samples_per_prompt, max_new_tokens=config.ppo.response_length,
+                      seed=run_id, max_prompt_tokens=max_prompt)
+    candidate = policy_stats(policy, tokenizer, reward_model, gate_prompts, "default", **stats_args)
+    progress({"stage": "gate", "step": 1, "steps": 2})
+    incumbent = policy_stats(policy, tokenizer, reward_model, gate_prompts,
+                             None if parent == "base" else "serving", **stats_args)
+    progress({"stage": "gate", "step": 2, "steps": 2})
+    passed, reason = gate_decision(candidate, incumbent, config.gate)
+    timings["time/gate_s"] = time.perf_counter() - t0
+    metrics.update({"eval/candidate_score": candidate["score"], "eval/serving_score": incumbent["score"],
+                    "eval/reward_gain": candidate["score"] - incumbent["score"], "eval/candidate_kl": candidate["kl"],
+                    "eval/serving_kl": incumbent["kl"], "eval/candidate_length": candidate["length"],
+                    "eval/serving_length": incumbent["length"], "eval/candidate_eos_rate": candidate["eos_rate"],
+                    "eval/gate_prompts": len(gate_prompts), "eval/passed": passed})
+    timings["time/total_s"] = time.perf_counter() - started
+    metrics.update(timings)
+
+    # 7. save and register the version: candidate when it passed (the server promotes it), else rejected
+    version = store.next_version_id()
+    folder = Path(config.serve.adapters_dir) / version
+    if parent != "base":
+        policy.delete_adapter("serving")
+    policy.set_adapter("default")
+    save_policy(policy, value_head, folder)
+    reward_model.save(folder / "reward")
+    store.add_version(version, str(folder), parent=parent, run_id=run_id, metrics=metrics,
+                      status="candidate" if passed else "rejected", reason=reason,
+                      reward_adapter_path=str(folder / "reward"))
+    store.finish_run(run_id, "succeeded" if passed else "rejected", candidate_version=version, metrics=metrics,
+                     error=None if passed else reason)
+    if passed and promote:
+        store.mark_serving(version, actor="retrain", action="promote")
+    log.info("run %d: %s %s", run_id, version, reason)
+    return {"run_id": run_id, "status": "succeeded" if passed else "rejected", "version": version,
+            "parent": parent, "reason": reason, "promoted": passed and promote, "candidate": candidate,
+            "serving": incumbent, **metrics}

@@ -1,0 +1,360 @@
+"""PPO on a LoRA policy: rollouts with the serving decode loop, KL-penalised rewards, GAE, clipped updates.
+
+The reference policy is the same weights with the adapter disabled, so there is one copy of the model.
+Sources in brackets: [37 details] Huang et al., "The 37 Implementation Details of PPO" (2022);
+[N details] Huang et al., "The N Implementation Details of RLHF with PPO" (2023); [N+ details] Huang et al.,
+"The N+ Implementation Details of RLHF with PPO: TL;DR summarization" (2024); [InstructGPT] Ouyang et al. 2022;
+[Ziegler et al. 2019] "Fine-Tuning Language Models from Human Preferences"; [GAE] Schulman et al. 2016.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from chat_app.chat import encode_prompt
+from chat_app.config import LoraConfig, PPOConfig
+from chat_app.engine import decode, left_pad
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+# -- pure tensor functions --------------------------------------------------------------------
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log π(token) at each position; logits (batch, T, vocab), tokens (batch, T) -> (batch, T)."""
+    logits = logits.float()
+    # gather minus logsumexp: the same as log_softmax, without a second (batch, T, vocab) tensor
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def response_mask(response_lengths: Tensor, resp_len: int) -> Tensor:
+    """(batch, resp_len) bool, True on real answer tokens (the final EOS included)."""
+    positions = torch.arange(resp_len, device=response_lengths.device)
+    return positions[None, :] < response_lengths[:, None]  # from lengths, never token == pad, as pad == eos
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask` is true (a scalar)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """`values` scaled to unit variance (and zero mean when `shift_mean`) over the masked entries; 0 elsewhere."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)              # population variance of the real tokens
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def compute_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                    response_lengths: Tensor, kl_coef: float) -> tuple[Tensor, Tensor]:
+    """(rewards, kl), both (batch, resp_len): -β·KL on every token plus the score (batch,) on the last real one."""
+    kl = (logprobs - ref_logprobs) * mask                       # per-token KL to the base (adapter disabled)
+    rewards = -kl_coef * kl                                     # KL penalty on every token [Ziegler et al. 2019]
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, response_lengths - 1] += scores               # RM score on the last real token (lengths >= 1)
+    return rewards, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """(advantages, returns), both (batch, resp_len), by generalised advantage estimation [GAE]."""
+    rewards, values = rewards * mask, values * mask             # nothing after the last real token: the episode ended
+    advantages = torch.zeros_like(rewards)                      # (batch, resp_len)
+    last_advantage = torch.zeros_like(rewards[:, 0])            # (batch,)
+    resp_len = rewards.shape[1]
+    for t in reversed(range(resp_len)):                         # backwards in time, all rows at once
+        next_values = values[:, t + 1] if t + 1 < resp_len else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]      # TD error
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages[:, t] = last_advantage
+    returns = advantages + values                               # the value function's targets
+    return advantages * mask, returns * mask
+
+
+def policy_loss(new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, clipfrac, approx_kl): PPO's clipped surrogate over the masked tokens; inputs (batch, resp_len)."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)                                # (batch, resp_len) π_new / π_old
+    losses = -advantages * ratio
+    losses_clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.max(losses, losses_clipped), mask)            # the pessimistic bound [PPO]
+    with torch.no_grad():
+        clipfrac = masked_mean((losses_clipped > losses).float(), mask)   # share of tokens the clip held back
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)            # k3 estimator of KL(old‖new) [37 details]
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(new_values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_range_value: float) -> tuple[Tensor, Tensor]:
+    """(loss, vf_clipfrac): clipped squared error of the values [37 details: value clipping]; inputs (batch, resp_len)."""
+    values_clipped = old_values + torch.clamp(new_values - old_values, -clip_range_value, clip_range_value)
+    losses = (new_values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((losses_clipped > losses).float(), mask)
+    return loss, vf_clipfrac
+
+
+class RunningMoments:
+    """Mean and std of every score seen so far, merged batch by batch (Chan et al.'s parallel variance)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 0.0, 0
+
+    def update(self, values: Tensor) -> None:
+        n, batch_mean, batch_var = values.numel(), values.mean().item(), values.var(unbiased=False).item()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.var = (self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    @property
+    def std(self) -> float:
+        return self.var ** 0.5
+
+
+# -- the model side: LoRA policy, value head, one batched forward ---------------------------------
+class ValueHead(nn.Module):
+    """V(state) per token: a Linear on the policy's last hidden state, (batch, T, hidden) -> (batch, T)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.linear.weight)                      # V = 0 at the start: no random baseline
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.linear(hidden_states.float()).squeeze(-1)   # fp32 head even over a bf16 policy
+
+
+def make_policy(base_model, lora_cfg: LoraConfig, init_adapter: str | None = None):
+    """A trainable PeftModel over `base_model` (modified in place): a new LoRA adapter, or `init_adapter` to warm-start."""
+    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
+
+    if init_adapter:
+        policy = PeftModel.from_pretrained(base_model, init_adapter, is_trainable=True)
+    else:
+        peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                  target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+        policy = get_peft_model(base_model, peft_cfg)
+    policy.eval()                                               # no dropout anywhere; gradients still flow [N+ details]
+    return policy
+
+
+def save_policy(policy, value_head: ValueHead, folder: str | Path) -> Path:
+    """Write the adapter (PEFT `save_pretrained`) and `value_head.safetensors` into `folder`; returns it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    policy.save_pretrained(folder)
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, folder / VALUE_HEAD_FILE)
+    return folder
+
+
+def load_value_head(folder: str | Path, hidden_size: int, device="cpu") -> ValueHead:
+    """The value head saved beside an adapter by `save_policy` (FileNotFoundError if there is none)."""
+    from safetensors.torch import load_file
+
+    value_head = ValueHead(hidden_size)
+    value_head.load_state_dict(load_file(str(Path(folder) / VALUE_HEAD_FILE)))
+    return value_head.to(device)
+
+
+def forward_logprobs_values(policy, value_head: ValueHead | None, query_response_ids: Tensor, attention_mask: Tensor,
+                            context_length: int, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """(logprobs, values) of the response tokens, both (batch, resp_len); values None without a head.
+
+    Rows are left-padded prompts of width `context_length` followed by right-padded responses.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)    # left padding must not shift positions
+    out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 output_hidden_states=value_head is not None, use_cache=False)
+    logits = out.logits[:, context_length - 1:-1] / temperature    # (batch, resp_len, vocab); position t predicts t+1
+    logprobs = logprobs_from_logits(logits, query_response_ids[:, context_length:])
+    if value_head is None:
+        return logprobs, None
+    values = value_head(out.hidden_states[-1][:, context_length - 1:-1])   # V of the state before each response token
+    return logprobs, values
+
+
+# -- rollout and experience -----------------------------------------------------------------------
+@torch.no_grad()
+def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: int) -> dict:
+    """One sampled answer per prompt row with the serving decode loop; tensors on the policy's device.
+
+    Returns query_response (batch, context_length + resp_len), attention_mask (same), context_length,
+    response_lengths (batch,) counting the EOS when there is one, ended_with_eos (batch,), texts.
+    """
+    device, batch = next(policy.parameters()).device, len(prompts)
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    answers, ended = decode(policy, prompts, max_new_tokens=[cfg.response_length] * batch,
+                            temperature=[cfg.temperature] * batch, top_p=[1.0] * batch,
+                            seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id)
+    responses = [a + [eos_id] if e else a for a, e in zip(answers, ended)]  # EOS is an action: it gets trained too
+    response_lengths = torch.tensor([len(r) for r in responses], device=device)  # (batch,)
+    resp_len = int(response_lengths.max())
+    query, query_mask = left_pad(prompts, pad_id, device)         # (batch, context_length)
+    response_ids = torch.full((batch, resp_len), pad_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        response_ids[row, :len(response)] = torch.tensor(response, dtype=torch.long)
+    mask = response_mask(response_lengths, resp_len)              # (batch, resp_len)
+    return {"query_response": torch.cat([query, response_ids.to(device)], dim=1),
+            "attention_mask": torch.cat([query_mask, mask.long()], dim=1),
+            "context_length": query.shape[1], "response_lengths": response_lengths,
+            "ended_with_eos": torch.tensor(ended, device=device),
+            "texts": [tokenizer.decode(a, skip_special_tokens=True) for a in answers]}
+
+
+@torch.no_grad()
+def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, cfg: PPOConfig,
+                    score_stats: RunningMoments | None = None) -> dict:
+    """Add old logprobs, ref logprobs, values, rewards, kl, advantages and returns (batch, resp_len) to `batch`."""
+    ids, attn, ctx = batch["query_response"], batch["attention_mask"], batch["context_length"]
+    chunks = [slice(i, i + cfg.minibatch_size) for i in range(0, len(ids), cfg.minibatch_size)]  # bounds memory
+    old = [forward_logprobs_values(policy, value_head, ids[c], attn[c], ctx, cfg.temperature) for c in chunks]
+    logprobs, values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])   # (batch, resp_len)
+    with policy.disable_adapter():                              # the reference: same weights, no adapter
+        ref_logprobs = torch.cat([forward_logprobs_values(policy, None, ids[c], attn[c], ctx, cfg.temperature)[0]
+                                  for c in chunks])             # (batch, resp_len)
+    mask = response_mask(batch["response_lengths"], logprobs.shape[1])
+    scores = scores.to(logprobs.device).float()                 # (batch,)
+    if cfg.normalize_reward and score_stats is not None:       # scale by the running std of scores [37 details]
+        score_stats.update(scores)
+        scores = scores / score_stats.std if score_stats.std > 1e-6 else scores  # all equal so far: leave them
+    if cfg.penalize_no_eos:                                     # cut-off answers lose [N+ details]
+        scores = scores - cfg.no_eos_penalty * (~batch["ended_with_eos"]).float()
+    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, batch["response_lengths"], cfg.kl_coef)
+    advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)            # advantage normalisation [37 details]
+    return {**batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "mask": mask,
+            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
+
+
+# -- the update ----------------------------------------------------------------------------------
+def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, exp: dict, cfg: PPOConfig,
+             generator: torch.Generator | None = None, ptx_stream=None) -> dict:
+    """Epochs of shuffled minibatches over one experience batch; returns the mean losses and diagnostics."""
+    params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
+    batch_size, ctx = len(exp["query_response"]), exp["context_length"]
+    stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "value_loss", "clipfrac",
+                                                     "vf_clipfrac", "approx_kl", "ptx_loss")}
+    epochs_run = 0
+    for _ in range(cfg.epochs):
+        epoch_kl = []
+        order = torch.randperm(batch_size, generator=generator).to(exp["query_response"].device)
+        for start in range(0, batch_size, cfg.minibatch_size):
+            mb = order[start:start + cfg.minibatch_size]
+            new_logprobs, new_values = forward_logprobs_values(
+                policy, value_head, exp["query_response"][mb], exp["attention_mask"][mb], ctx, cfg.temperature)
+            mb_mask = exp["mask"][mb]
+            pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp["logprobs"][mb], exp["advantages"][mb],
+                                                       mb_mask, cfg.clip_range)
+            vf_loss, vf_clipfrac = value_loss(new_values, exp["values"][mb], exp["returns"][mb], mb_mask,
+                                              cfg.clip_range_value)
+            loss = pg_loss + cfg.value_coef * vf_loss
+            if ptx_stream is not None and cfg.ptx_coef > 0:     # PPO-ptx: keep the demonstrations likely [InstructGPT]
+                ptx = {k: v.to(new_logprobs.device) for k, v in next(ptx_stream).items()}
+                ptx_loss = policy(**ptx, use_cache=False).loss
+                loss = loss + cfg.ptx_coef * ptx_loss
+                stats["ptx_loss"].append(ptx_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global grad-norm clipping [37 details]
+            optimizer.step()
+            for key, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", vf_loss),
+                               ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
+                stats[key].append(value.item())
+            epoch_kl.append(approx_kl.item())
+        epochs_run += 1
+        if cfg.target_kl > 0 and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
+            break                                               # early stop: the policy moved enough [37 details]
+    metrics = {f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v}
+    metrics["ppo/epochs"] = epochs_run
+    return metrics
+
+
+def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[list[dict]],
+              reward_fn: Callable[[list[list[dict]], list[str]], Tensor], cfg: PPOConfig,
+              progress: Callable[[dict], None] | None = None, ptx_batches: list[dict] | None = None,
+              *, seed: int = 0, max_context_tokens: int = 2048) -> dict:
+    """Run cfg.iterations PPO iterations on the prompts; returns the last iteration's metrics plus time totals.
+
+    Args:
+        reward_fn: (prompt messages per row, answer texts) -> scores (batch,), higher is better.
+        ptx_batches: HF causal-LM batches (input_ids, attention_mask, labels), cycled when cfg.ptx_coef > 0.
+    """
+    device = next(policy.parameters()).device
+    value_head.to(device)
+    policy.eval()                                               # dropout off for rollouts and losses alike
+    max_prompt_tokens = max(max_context_tokens - cfg.response_length, 16)
+    prompt_ids = [encode_prompt(tokenizer, m, max_prompt_tokens)[0] for m in prompts_messages]
+    params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)   # LoRA and value head only
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    score_stats = RunningMoments()
+    ptx_stream = itertools.cycle(ptx_batches) if ptx_batches else None
+    metrics: dict = {"time/rollout_s": 0.0, "time/update_s": 0.0}
+    for iteration in range(cfg.iterations):
+        # 1. rollout: pick prompts, answer each samples_per_prompt times, score the answers
+        started = time.perf_counter()
+        many = len(prompt_ids) >= cfg.rollout_prompts
+        picks = rng.sample(range(len(prompt_ids)), cfg.rollout_prompts) if many else \
+            rng.choices(range(len(prompt_ids)), k=cfg.rollout_prompts)
+        rows = [i for i in picks for _ in range(cfg.samples_per_prompt)]
+        batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
+        raw_scores = reward_fn([prompts_messages[i] for i in rows], batch["texts"]).detach().float()   # (batch,)
+        # 2. experience: old and reference logprobs, values, rewards, advantages
+        exp = make_experience(policy, value_head, batch, raw_scores, cfg, score_stats)
+        rollout_s = time.perf_counter() - started
+        # 3. update: epochs of clipped PPO on shuffled minibatches
+        started = time.perf_counter()
+        update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_stream)
+        update_s = time.perf_counter() - started
+        metrics["time/rollout_s"] += rollout_s
+        metrics["time/update_s"] += update_s
+        metrics.update(update)
+        metrics.update({
+            "objective/score": raw_scores.mean().item(),
+            "objective/kl": exp["kl"].sum(1).mean().item(),     # nats per answer
+            "objective/length": exp["response_lengths"].float().mean().item(),
+            "objective/eos_rate": exp["ended_with_eos"].float().mean().item(),
+            "objective/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0})
+        if iteration == 0:
+            metrics["objective/score_initial"] = metrics["objective/score"]
+        print(f"ppo {iteration + 1}/{cfg.iterations}  score {metrics['objective/score']:+.3f}  "
+              f"kl {metrics['objective/kl']:.3f}  len {metrics['objective/length']:.1f}  "
+              f"eos {metrics['objective/eos_rate']:.2f}  loss {metrics['ppo/loss']:+.3f}  "
+              f"approx_kl {metrics['ppo/approx_kl']:.4f}  clipfrac {metrics['ppo/clipfrac']:.3f}  "
+              f"epochs {metrics['ppo/epochs']}  ({rollout_s:.1f}s + {update_s:.1f}s)", flush=True)
+        if progress is not None:
+            progress({"stage": "ppo", "step": iteration + 1, "steps": cfg.iterations,
+                      **{k: metrics[k] for k in ("objective/score", "objective/kl", "ppo/loss",
+                                                 "ppo/approx_kl", "ppo/clipfrac")}})
+    return metrics
+
+
+def demonstration_batch(tokenizer, examples: list[tuple[list[dict], str]], max_tokens: int) -> dict:
+    """An HF causal-LM batch for PPO-ptx: prompt tokens masked (-100), answer + EOS as labels, right-padded."""
+    rows = []
+    for messages, answer in examples:
+        prompt, _ = encode_prompt(tokenizer, messages, max_tokens // 2)
+        target = tokenizer.encode(answer, add_special_tokens=False)[:max_tokens - len(prompt) - 1] + [tokenizer.eos_token_id]
+        rows.append((prompt + target, [-100] * len(prompt) + target))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)   # pad == eos: the label mask comes from lengths
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (ids, target) in enumerate(rows):
+        input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(target)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

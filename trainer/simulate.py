@@ -1,0 +1,120 @@
+"""`run.py simulate`: simulated users chat, vote through the same store (or a running server's API), retrain."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from trainer.data import as_messages, load_prompts
+from trainer.oracles import load_oracle
+
+
+def collect_votes(store, engine, judge, prompts: list[str], votes: int, sampling: dict, voter: str,
+                  batch: int = 8, seed: int = 0) -> dict:
+    """Sample `votes` pairs through the engine, let the judge vote, store everything as simulated."""
+    from chat_app.chat import cast_vote, finish_pair, start_pair
+
+    rng = random.Random(seed)
+    tally = {"a": 0, "b": 0, "tie": 0}
+    done = 0
+    while done < votes:
+        wave = []
+        for _ in range(min(batch, votes - done)):
+            prompt = rng.choice(prompts)
+            cid, job = start_pair(store, engine, as_messages(prompt), source="simulated", **sampling)
+            wave.append((prompt, cid, job))
+        for prompt, cid, job in wave:
+            result = job.result()
+            finish_pair(store, cid, result)
+            choice = judge(prompt, result.texts[0], result.texts[1])
+            status, message = cast_vote(store, cid, choice, voter=voter)
+            if status != "ok":
+                raise RuntimeError(message)
+            tally[choice] += 1
+        done += len(wave)
+        print(f"  votes {done}/{votes}  a={tally['a']} b={tally['b']} tie={tally['tie']}", flush=True)
+    return tally
+
+
+def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycles: int, server: str | None = None):
+    judge = load_oracle(oracle)
+    prompts = load_prompts(prompts_file or config.schedule.seed_prompts)
+    if server:
+        return simulate_over_http(server, judge, prompts, votes, cycles, oracle, config)
+    from chat_app.engine import GenerationEngine
+    from chat_app.model import load_model, load_tokenizer
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    store = Store(config.serve.db_path)
+    tokenizer = load_tokenizer(config.model)
+    engine = GenerationEngine(load_model(config.model, tokenizer), tokenizer,
+                              max_context_tokens=config.model.max_context_tokens,
+                              max_batch_requests=config.serve.max_batch_requests).start()
+    serving = store.serving_version()
+    if serving:
+        engine.swap(serving["adapter_path"], serving["id"])
+    sampling = {"max_new_tokens": config.serve.max_new_tokens, "temperature": config.serve.temperature,
+                "top_p": config.serve.top_p}
+    summaries = []
+    for cycle in range(1, cycles + 1):
+        print(f"cycle {cycle}/{cycles}: {votes} simulated votes by {oracle} on {engine.version}", flush=True)
+        t0 = time.perf_counter()
+        tally = collect_votes(store, engine, judge, prompts, votes, sampling, voter=f"oracle:{oracle}",
+                              batch=config.serve.max_batch_requests, seed=cycle)
+        vote_s = time.perf_counter() - t0
+        summary = retrain(config, promote=True)
+        if summary.get("promoted"):
+            engine.swap(str(config.serve.adapters_dir) + "/" + summary["version"], summary["version"])
+        keys = ["status", "version", "reason", "rm/accuracy", "rm/heldout_pairs", "objective/score", "objective/kl",
+                "eval/reward_gain", "eval/candidate_kl", "eval/candidate_length", "eval/serving_length",
+                "time/reward_s", "time/ppo_s", "time/gate_s", "time/total_s"]
+        line = {"cycle": cycle, "votes": tally, "time/votes_s": round(vote_s, 1), "serving": engine.version,
+                **{k: summary.get(k) for k in keys if k in summary}}
+        print(json.dumps(line), flush=True)
+        summaries.append(line)
+    engine.stop()
+    return summaries
+
+
+def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycles: int, oracle: str, config,
+                       concurrency: int = 8, wait_s: float = 3600):
+    """Vote through a running app's API; its scheduler retrains. Waits for the run after each round."""
+    import httpx
+
+    client = httpx.Client(base_url=server.rstrip("/"), timeout=600)
+    rng = random.Random(0)
+
+    def one_vote(_):
+        prompt = rng.choice(prompts)
+        started = time.perf_counter()
+        reply = client.post("/v1/chat/completions", json={"messages": as_messages(prompt), "n": 2})
+        reply.raise_for_status()
+        body = reply.json()
+        answers = [c["message"]["content"] for c in body["choices"]]
+        choice = judge(prompt, answers[0], answers[1])
+        vote = client.post("/v1/feedback", json={"comparison_id": body["id"], "choice": choice,
+                                                 "voter": f"oracle:{oracle}"})
+        vote.raise_for_status()
+        return body["model"], choice, (time.perf_counter() - started) * 1000
+
+    for cycle in range(1, cycles + 1):
+        before = client.get("/api/status").json()
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(one_vote, range(votes)))
+        versions = sorted({r[0] for r in results})
+        latencies = sorted(r[2] for r in results)
+        print(json.dumps({"cycle": cycle, "votes": len(results), "served_by": versions,
+                          "median_request_ms": round(latencies[len(latencies) // 2]),
+                          "time/votes_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        deadline = time.time() + wait_s
+        while time.time() < deadline:   # the server's scheduler decides when to train; wait for it to finish
+            status = client.get("/api/status").json()
+            last, previous = status.get("last_run"), before.get("last_run")
+            if last and (not previous or last["id"] > previous["id"]) and status["training"] is None:
+                break
+            time.sleep(5)
+        print(json.dumps({"cycle": cycle, "serving_version": status["serving_version"],
+                          "serving": status["serving"]}), flush=True)
