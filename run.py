@@ -28,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int)
     p.add_argument("--retrain-every", type=float, metavar="MINUTES", help="minutes between retrain checks")
     p.add_argument("--min-votes", type=int, metavar="M", help="new votes needed to start a run")
+    p.add_argument("--no-ui", action="store_true", help="serve the HTTP API only, without the Gradio UI")
     p = command("retrain", "run one training cycle (SFT, reward model, PPO, gate) and print a JSON summary")
     p.add_argument("--run-id", type=int, help="(set by the scheduler) the training_runs row to report into")
     p = command("simulate", "run the loop headless with simulated users")
@@ -80,7 +81,7 @@ def main(argv=None):
             changes["min_new_votes"] = args.min_votes
         if changes:
             app.scheduler.update_schedule(changes, actor="command line")
-        serve(app)
+        serve(app, with_ui=not args.no_ui)
     elif args.command == "prepare":
         from chat_app.model import load_tokenizer, model_path
         from chat_app.store import Store

@@ -208,10 +208,10 @@ def register_api(api: FastAPI, app: App) -> None:
 
 
 def check_operator(app: App, request: Request) -> str:
-    """The operator's name for the records; 401 without the right bearer token, 403 when no password is set."""
+    """The operator's name for the records; 401 without the right bearer token or with no password set."""
     password = app.operator_password
     if not password:
-        raise ApiError(403, f"the operator console is locked: set {app.config.serve.operator_password_env} "
+        raise ApiError(401, f"the operator console is locked: set {app.config.serve.operator_password_env} "
                             "and restart the server", kind="authentication_error")
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""

@@ -14,17 +14,19 @@ from chat_app.app import App
 log = logging.getLogger(__name__)
 
 
-def create_web_app(app: App) -> FastAPI:
+def create_web_app(app: App, with_ui: bool = True) -> FastAPI:
+    api = FastAPI(title="rlhf-chat", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    register_api(api, app)  # before the mount: routes added after a mount at "/" answer 404
+    if not with_ui:
+        return api
     import gradio as gr
 
     from chat_app.ui import CSS, THEME, build_ui
 
-    api = FastAPI(title="rlhf-chat", docs_url="/api/docs", openapi_url="/api/openapi.json")
-    register_api(api, app)  # before the mount: routes added after a mount at "/" answer 404
     return gr.mount_gradio_app(api, build_ui(app), path="/", theme=THEME, css=CSS)
 
 
-def serve(app: App) -> None:
+def serve(app: App, with_ui: bool = True) -> None:
     import uvicorn
 
     host, port = app.config.serve.host, app.config.serve.port
@@ -34,6 +36,6 @@ def serve(app: App) -> None:
     log.info("serving %s on http://%s:%d (API: /v1/chat/completions, /v1/feedback, /api/status)",
              app.serving_version(), host, port)
     try:
-        uvicorn.run(create_web_app(app), host=host, port=port, log_level="warning")
+        uvicorn.run(create_web_app(app, with_ui), host=host, port=port, log_level="warning")
     finally:
         app.close()

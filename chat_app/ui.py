@@ -1,0 +1,421 @@
+"""The Gradio UI (layout only): a chat tab that shows two answers and takes a vote, and the operator tab.
+
+The decisions live in plain functions (chat.py, store.py, scheduler.py, status.py, plots.py); the handlers
+here only read the session, call them, and convert the result into component updates.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from chat_app import plots
+from chat_app.chat import VOTE_LABELS, cast_vote, chosen_answer, finish_pair, start_pair, truncation_notice
+from chat_app.scheduler import OperatorError, serve_version
+from chat_app.status import serving_line
+from chat_app.store import CHOICES
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+CSS = """
+.answer-panel { border: 1px solid var(--border-color-primary); border-radius: var(--radius-lg);
+                padding: 0.5em 0.9em; min-height: 9em; background: var(--background-fill-secondary); }
+.answer-panel .answer-label { font-weight: 700; font-size: 1.1em; }
+#serving-line { font-size: 0.95em; opacity: 0.85; }
+#vote-status, #truncation-notice, #op-message, #op-action { min-height: 1.2em; }
+#truncation-notice { color: var(--color-accent); }
+"""
+WAITING = "*…*"
+SERVING_REFRESH_S = 10
+OPERATOR_REFRESH_S = 2
+
+
+# -- chat tab -------------------------------------------------------------------------------------
+def new_session() -> dict:
+    """One browser session's conversation: plain-text history and the turn being answered."""
+    return {"conversation_id": None, "history": [], "turn": None}
+
+
+def new_turn(prompt: list[dict]) -> dict:
+    """stage: queued -> streaming -> done (votable) | failed; resolved once an answer joined the conversation."""
+    return {"prompt": prompt, "stage": "queued", "comparison_id": None, "answers": ["", ""]}
+
+
+def shown(answer: str) -> str:
+    """Panel text for an answer (Markdown, HTML sanitised by Gradio)."""
+    return answer if answer.strip() else "*(empty answer)*"
+
+
+def build_chat_tab(app) -> gr.Blocks:
+    serve = app.config.serve
+    claim = threading.Lock()  # one stream per queued turn, even when two Send clicks race
+    with gr.Blocks() as tab:
+        session = gr.State(new_session())
+        serving = gr.Markdown(elem_id="serving-line")
+        conversation = gr.Chatbot(label="Conversation", elem_id="conversation", height=340,
+                                  placeholder="Send a message: two answers will appear below, then pick the better one.")
+        with gr.Row(equal_height=True):
+            answers = []
+            for name in ("A", "B"):
+                with gr.Column(elem_classes="answer-panel"):
+                    gr.Markdown(name, elem_classes="answer-label")
+                    answers.append(gr.Markdown(WAITING, elem_id=f"answer-{name.lower()}", line_breaks=True))
+        answer_a, answer_b = answers
+        with gr.Row():
+            buttons = {c: gr.Button(VOTE_LABELS[c], interactive=False, elem_id=f"vote-{c}") for c in CHOICES}
+        notice = gr.Markdown(elem_id="vote-status")
+        truncated = gr.Markdown(elem_id="truncation-notice")
+        with gr.Row():
+            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="msg-box",
+                             scale=6, max_lines=8, autofocus=True)
+            send = gr.Button("Send", variant="primary", elem_id="send-btn", scale=1)
+        with gr.Row():
+            regenerate = gr.Button("Regenerate", elem_id="regenerate-btn", size="sm")
+            new_chat = gr.Button("New chat", elem_id="new-chat-btn", size="sm")
+        with gr.Accordion("Write a better answer", open=False, elem_id="better-accordion"):
+            better_box = gr.Textbox(lines=4, show_label=False, elem_id="better-box",
+                                    placeholder="The answer you would have liked; it replaces A and B in the conversation.")
+            better_send = gr.Button("Use my answer", elem_id="better-btn")
+        timer = gr.Timer(SERVING_REFRESH_S)
+
+        votes_off = {b: gr.Button(interactive=False) for b in buttons.values()}
+        votes_on = {b: gr.Button(interactive=True) for b in buttons.values()}
+        cleared = {answer_a: WAITING, answer_b: WAITING, **votes_off, notice: "", truncated: ""}
+        outputs = [session, conversation, box, answer_a, answer_b, *buttons.values(), notice, truncated, serving,
+                   better_box]
+
+        def resolve(state: dict, answer: str) -> None:
+            """The turn's answer joins the conversation (in the session and in the store)."""
+            turn = state["turn"]
+            state["history"].append({"role": "assistant", "content": answer})
+            app.store.add_message(state["conversation_id"], "assistant", answer, comparison_id=turn["comparison_id"])
+            turn["stage"] = "resolved"
+
+        def submit(message: str, state: dict, request: gr.Request):
+            text = (message or "").strip()
+            stage = state["turn"]["stage"] if state["turn"] else None
+            if not text:
+                return {notice: "⚠️ Type a message first."}
+            if stage in ("queued", "streaming"):
+                return {notice: "⚠️ Wait until both answers are complete."}
+            if stage == "done":
+                return {notice: "⚠️ Pick the better answer (or write your own) before sending the next message."}
+            if state["conversation_id"] is None:  # created lazily: an idle visitor leaves no row
+                state["conversation_id"] = app.store.create_conversation(source="ui", session=request.session_hash)
+            state["history"].append({"role": "user", "content": text})
+            app.store.add_message(state["conversation_id"], "user", text)
+            system = [{"role": "system", "content": serve.system_prompt}] if serve.system_prompt else []
+            state["turn"] = new_turn(system + [dict(m) for m in state["history"]])
+            return {session: state, conversation: list(state["history"]), box: "", **cleared}
+
+        def stream(state: dict):
+            """Sample the queued turn's pair and stream both answers into their panels."""
+            turn = state["turn"]
+            with claim:
+                if turn is None or turn["stage"] != "queued":
+                    return  # this click was refused, or another event already streams the turn
+                turn["stage"] = "streaming"
+            comparison_id, request = start_pair(
+                app.store, app.engine, turn["prompt"], source="ui", max_new_tokens=serve.max_new_tokens,
+                temperature=serve.temperature, top_p=serve.top_p, conversation_id=state["conversation_id"])
+            turn["comparison_id"] = comparison_id
+            texts, result, error = ["", ""], None, None
+            try:
+                for event in request.stream():
+                    if event[0] == "token":
+                        texts[event[1]] += event[2]
+                        if request.events.empty() and state["turn"] is turn:  # caught up: one update, many tokens
+                            yield {answer_a: texts[0], answer_b: texts[1]}
+                    elif event[0] == "done":
+                        result = event[1]
+                    else:
+                        error = event[1]
+            except queue.Empty:
+                error = "no answer from the model in time"
+            if result is not None:
+                finish_pair(app.store, comparison_id, result)
+                turn["answers"], turn["stage"] = list(result.texts), "done"
+            else:
+                app.store.delete_comparison(comparison_id)
+                turn["comparison_id"], turn["stage"] = None, "failed"
+            if state["turn"] is not turn:  # "New chat" was pressed meanwhile: the pair is stored, not shown
+                return
+            if result is None:
+                yield {answer_a: WAITING, answer_b: WAITING,
+                       notice: f"⚠️ The model could not answer ({error}). Press Regenerate to try again."}
+                return
+            yield {answer_a: shown(result.texts[0]), answer_b: shown(result.texts[1]), **votes_on,
+                   notice: "Which answer is better?", truncated: truncation_notice(result.turns_dropped)}
+
+        def vote_handler(choice: str):
+            def handle(state: dict, request: gr.Request):
+                turn = state["turn"]
+                if turn is None or turn["stage"] != "done":
+                    return {notice: "⚠️ There is no finished pair of answers to vote on.", **votes_off}
+                status, message = cast_vote(app.store, turn["comparison_id"], choice, voter=request.session_hash)
+                if status == "ok":
+                    resolve(state, chosen_answer(choice, *turn["answers"]))
+                    if choice in ("tie", "both_bad"):
+                        message += " Answer A continues the conversation."
+                return {session: state, conversation: list(state["history"]), notice: message, **votes_off,
+                        serving: serving_line(app)}
+            return handle
+
+        def write_better(text: str, state: dict, request: gr.Request):
+            text, turn = (text or "").strip(), state["turn"]
+            if not text:
+                return {notice: "⚠️ Write your answer in the box first."}
+            if turn is None or turn["stage"] not in ("done", "failed"):
+                return {notice: "⚠️ Your answer replaces A and B of the current message: send a message and "
+                                "wait for its two answers first (or vote; the turn is then answered)."}
+            app.store.add_demonstration(turn["prompt"], text, author=request.session_hash,
+                                        comparison_id=turn["comparison_id"])
+            resolve(state, text)
+            return {session: state, conversation: list(state["history"]), better_box: "", **votes_off,
+                    notice: "Thanks! Your answer was saved as a demonstration and continues the conversation."}
+
+        def regenerate_pair(state: dict):
+            turn = state["turn"]
+            if turn is None or turn["stage"] == "resolved":
+                return {notice: "⚠️ Nothing to regenerate: send a message first."}
+            if turn["stage"] in ("queued", "streaming"):
+                return {notice: "⚠️ Wait until both answers are complete."}
+            state["turn"] = new_turn(turn["prompt"])  # the old pair stays in the store, unvoted
+            return {session: state, **cleared}
+
+        def start_over(state: dict):
+            state.clear()
+            state.update(new_session())  # in place: a stream still running sees its turn is gone
+            return {session: state, conversation: [], box: "", better_box: "", **cleared,
+                    answer_a: WAITING, answer_b: WAITING}
+
+        quiet = {"concurrency_limit": None, "show_progress": "hidden"}
+        gr.on(triggers=[send.click, box.submit], fn=submit, inputs=[box, session], outputs=outputs, **quiet
+              ).then(stream, [session], outputs, **quiet
+              ).then(lambda: serving_line(app), None, serving, **quiet)
+        regenerate.click(regenerate_pair, [session], outputs, **quiet).then(stream, [session], outputs, **quiet)
+        for choice, button in buttons.items():
+            button.click(vote_handler(choice), [session], outputs, **quiet)
+        better_send.click(write_better, [better_box, session], outputs, **quiet)
+        new_chat.click(start_over, [session], outputs, **quiet)
+        gr.on(triggers=[tab.load, timer.tick], fn=lambda: serving_line(app), outputs=serving, **quiet)
+    return tab
+
+
+# -- operator tab ---------------------------------------------------------------------------------
+def password_problem(app, password: str | None) -> str | None:
+    """Why `password` does not open the console, or None when it does (checked on every action)."""
+    expected = app.operator_password
+    if expected is None:
+        return (f"🔒 The operator console is locked: start the server with the environment variable "
+                f"`{app.config.serve.operator_password_env}` set to a password.")
+    if not hmac.compare_digest((password or "").encode(), expected.encode()):
+        return "❌ Wrong password."
+    return None
+
+
+def short_time(timestamp: str | None) -> str:
+    return (timestamp or "")[:19].replace("T", " ")
+
+
+def number(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
+def versions_table(versions: list[dict]) -> pd.DataFrame:
+    """Newest first, with the metrics the gate and the plots use."""
+    columns = ["version", "parent", "status", "reason", "created", "rm/accuracy", "objective/kl", "score",
+               "eval/win_rate"]
+    rows = [[v["id"], v.get("parent") or "", v["status"], v.get("reason") or "", short_time(v["created_at"]),
+             number(plots.metric(v, "rm/accuracy")), number(plots.metric(v, "objective/kl")),
+             number(plots.metric(v, *plots.SCORE_KEYS)), number(plots.metric(v, "eval/win_rate"))]
+            for v in reversed(versions)]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    columns = ["run", "status", "trigger", "started", "ended", "pairs", "candidate", "error"]
+    rows = [[r["id"], r["status"], r["trigger"], short_time(r["started_at"]), short_time(r.get("ended_at")),
+             "" if r.get("pairs") is None else r["pairs"], r.get("candidate_version") or "",
+             (r.get("error") or "").strip().splitlines()[0] if (r.get("error") or "").strip() else ""]
+            for r in runs]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def progress_text(runs: list[dict]) -> str:
+    """Stage, step bar and latest losses of the running run (runs newest first)."""
+    running = next((r for r in runs if r["status"] == "running"), None)
+    if running is None:
+        if not runs:
+            return "No training run yet."
+        last = runs[0]
+        return f"No training run in progress. Last: run {last['id']} {last['status']} at {short_time(last['ended_at'])}."
+    progress = running.get("progress") or {}
+    step, steps = progress.get("step"), progress.get("steps")
+    line = f"**Run {running['id']}** ({running['trigger']}, started {short_time(running['started_at'])}) · " \
+           f"stage **{progress.get('stage', 'starting')}**"
+    if isinstance(step, (int, float)) and isinstance(steps, (int, float)) and steps > 0:
+        filled = round(20 * min(step / steps, 1.0))
+        line += f" · `{'█' * filled}{'░' * (20 - filled)}` step {step}/{steps}"
+    values = [f"{key} {value:.4g}" for key, value in progress.items()
+              if key not in ("stage", "step", "steps") and isinstance(value, (int, float))]
+    return line + ("\n\n" + " · ".join(values) if values else "")
+
+
+def schedule_text(app) -> str:
+    if app.scheduler is None:
+        return "The retrain scheduler is not running in this server."
+    s = app.scheduler.schedule()
+    state = "enabled" if s["enabled"] else "**paused**"
+    return (f"Schedule {state}: every {s['retrain_every_minutes']:g} min when ≥ {s['min_new_votes']} new votes · "
+            f"{s['new_votes']} new votes since the last run · next check {short_time(s['next_check_at']) or '—'} · "
+            f"last check: {s['last_decision']}")
+
+
+def write_export(app, directory: Path) -> str:
+    """store.export_preferences() as JSONL in `directory` (replaced atomically); returns the path."""
+    path = directory / "votes.jsonl"
+    scratch = directory / f".votes-{threading.get_ident()}.tmp"
+    with open(scratch, "w", encoding="utf-8") as out:
+        for row in app.store.export_preferences():
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(scratch, path)
+    return str(path)
+
+
+def build_operator_tab(app) -> gr.Blocks:
+    export_dir = Path(tempfile.mkdtemp(prefix="rlhf-export-"))
+    with gr.Blocks() as tab:
+        with gr.Row():
+            password = gr.Textbox(label="Operator password", type="password", elem_id="op-password", scale=4)
+            unlock = gr.Button("Unlock", elem_id="op-unlock", scale=1)
+        op_message = gr.Markdown(elem_id="op-message")
+        timer = gr.Timer(OPERATOR_REFRESH_S, active=False)
+        drawn_for = gr.State(None)  # data the plots and tables were last drawn for
+        with gr.Column(visible=False, elem_id="op-console") as console:
+            gr.Markdown("### Retrain schedule")
+            with gr.Row():
+                enabled = gr.Checkbox(label="Scheduled retraining enabled", elem_id="op-enabled")
+                every = gr.Number(label="Check every N minutes", minimum=0.1, elem_id="op-every")
+                min_votes = gr.Number(label="Minimum new votes", precision=0, minimum=0, elem_id="op-min-votes")
+            with gr.Row():
+                save = gr.Button("Save schedule", elem_id="op-save")
+                pause = gr.Button("Pause", elem_id="op-pause")
+                run_now = gr.Button("Run now", variant="primary", elem_id="op-run-now")
+            schedule_md = gr.Markdown(elem_id="op-schedule")
+            op_action = gr.Markdown(elem_id="op-action")
+            gr.Markdown("### Current training run")
+            progress_md = gr.Markdown(elem_id="op-progress")
+            gr.Markdown("### Learning")
+            with gr.Row():
+                votes_plot, accuracy_plot = gr.Plot(show_label=False), gr.Plot(show_label=False)
+            with gr.Row():
+                reward_plot, win_plot = gr.Plot(show_label=False), gr.Plot(show_label=False)
+            gr.Markdown("### Policy versions")
+            versions_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-versions")
+            with gr.Row():
+                version_pick = gr.Dropdown(["base"], value="base", label="Version", elem_id="op-version", scale=3)
+                serve_button = gr.Button("Serve this version", elem_id="op-serve", scale=1)
+            gr.Markdown("### Training runs")
+            runs_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-runs")
+            export = gr.DownloadButton("Export votes (JSONL)", elem_id="op-export")
+
+        def locked(problem: str) -> dict:
+            return {op_message: problem, console: gr.Column(visible=False), timer: gr.Timer(active=False)}
+
+        def schedule_fields() -> dict:
+            if app.scheduler is None:
+                return {schedule_md: schedule_text(app)}
+            s = app.scheduler.schedule()
+            return {enabled: s["enabled"], every: s["retrain_every_minutes"], min_votes: s["min_new_votes"],
+                    pause: gr.Button("Pause" if s["enabled"] else "Resume"), schedule_md: schedule_text(app)}
+
+        def live(drawn) -> dict:
+            """Cheap refresh for the timer; plots and the versions table only when their data changed."""
+            runs, versions = app.store.runs(limit=50), app.store.versions()
+            updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), schedule_md: schedule_text(app)}
+            signature = [app.store.vote_counts()["total"], [(v["id"], v["status"]) for v in versions],
+                         app.serving_version()]
+            if signature != drawn:
+                updates.update({drawn_for: signature, versions_df: versions_table(versions),
+                                votes_plot: plots.votes_over_time(app.store.vote_times()),
+                                accuracy_plot: plots.reward_model_accuracy(versions),
+                                reward_plot: plots.reward_and_kl(versions), win_plot: plots.win_rate(versions),
+                                version_pick: gr.Dropdown(choices=["base"] + [v["id"] for v in versions
+                                                                              if v["status"] != "rejected"]),
+                                export: write_export(app, export_dir)})
+            return updates
+
+        def guarded(action):
+            """Check the password server-side before every operator action."""
+            def handler(password: str, *args):
+                problem = password_problem(app, password)
+                return locked(problem) if problem else action(*args)
+            return handler
+
+        def open_console(drawn):
+            return {op_message: f"Unlocked. Serving **{app.serving_version()}**.", console: gr.Column(visible=True),
+                    timer: gr.Timer(active=True), **schedule_fields(), **live(None)}
+
+        def save_schedule(is_enabled, minutes, votes):
+            if app.scheduler is None:
+                return {op_action: schedule_text(app)}
+            try:
+                app.scheduler.update_schedule({"enabled": bool(is_enabled), "retrain_every_minutes": float(minutes or 0),
+                                               "min_new_votes": int(votes or 0)}, actor="operator")
+            except OperatorError as error:
+                return {op_action: f"⚠️ {error}"}
+            return {op_action: "Schedule saved.", **schedule_fields()}
+
+        def toggle_pause():
+            if app.scheduler is None:
+                return {op_action: schedule_text(app)}
+            now_enabled = not app.scheduler.schedule()["enabled"]
+            app.scheduler.update_schedule({"enabled": now_enabled}, actor="operator")
+            return {op_action: "Schedule resumed." if now_enabled else "Schedule paused.", **schedule_fields()}
+
+        def start_run(drawn):
+            if app.scheduler is None:
+                return {op_action: schedule_text(app)}
+            started, message = app.scheduler.run_now(actor="operator")
+            return {op_action: ("▶️ " if started else "⚠️ Not started: ") + message, **live(drawn)}
+
+        def serve_picked(version, drawn):
+            try:
+                pause_ms = serve_version(app, version or "base", actor="operator")
+            except OperatorError as error:
+                return {op_action: f"⚠️ {error}"}
+            return {op_action: f"Now serving **{app.serving_version()}** (serving paused {pause_ms:.0f} ms).",
+                    **live(drawn)}
+
+        every_output = [op_message, console, timer, drawn_for, enabled, every, min_votes, pause, schedule_md,
+                        op_action, progress_md, votes_plot, accuracy_plot, reward_plot, win_plot, versions_df,
+                        version_pick, runs_df, export]
+        quiet = {"concurrency_limit": None, "show_progress": "hidden"}
+        gr.on(triggers=[unlock.click, password.submit], fn=guarded(open_console), inputs=[password, drawn_for],
+              outputs=every_output, **quiet)
+        save.click(guarded(save_schedule), [password, enabled, every, min_votes], every_output, **quiet)
+        pause.click(guarded(toggle_pause), [password], every_output, **quiet)
+        run_now.click(guarded(start_run), [password, drawn_for], every_output, **quiet)
+        serve_button.click(guarded(serve_picked), [password, version_pick, drawn_for], every_output, **quiet)
+        timer.tick(guarded(live), [password, drawn_for], every_output, **quiet)
+    return tab
+
+
+def build_ui(app) -> gr.Blocks:
+    """Both tabs; mounted by server.create_web_app with THEME and CSS."""
+    with gr.Blocks(title="Chat that learns from your votes") as demo:
+        gr.Markdown("## Chat that learns from your votes\nEach message gets two answers; your vote teaches the "
+                    "model which one people prefer. The app retrains itself on the votes.")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab(app).render()
+            with gr.Tab("Operator", id="operator"):
+                build_operator_tab(app).render()
+    return demo
