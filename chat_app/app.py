@@ -38,9 +38,17 @@ class App:
         self.store.close()
 
 
+def serving_threads(config: Config, training: bool) -> int:
+    """Torch threads for serving: oversubscribed cores made a decode step ~10x slower (DESIGN.md, Serving)."""
+    if config.model.torch_threads:
+        return config.model.torch_threads
+    cores = os.cpu_count() or 1
+    return max(1, cores - config.schedule.trainer_threads) if training else cores
+
+
 def build_app(config: Config, with_scheduler: bool = True) -> App:
     """Open the store, load the model, start the engine on the version the store says is serving."""
-    torch.set_num_threads(config.model.torch_threads)
+    torch.set_num_threads(serving_threads(config, training=False))
     store = Store(config.serve.db_path)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)

@@ -24,8 +24,8 @@ class ModelConfig:
     """`none`, `4bit` or `8bit` (bitsandbytes; CUDA only)."""
     max_context_tokens: int = 2048
     """Prompt plus answer must fit in this many tokens; older turns are cut first."""
-    torch_threads: int = 1
-    """Threads of the serving process. The trainer subprocess gets `schedule.trainer_threads`."""
+    torch_threads: int = 0
+    """Threads of the serving process; 0: all cores while no training runs, the cores the trainer leaves while one does."""
     seed: int = 0
     """Seed of the tiny random model's weights."""
     tiny_layers: int = 2

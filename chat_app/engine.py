@@ -45,11 +45,12 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], *, max_new_tokens: list[int], temperature: list[float],
-           top_p: list[float], seeds: list[int], eos_id: int, pad_id: int,
+           top_p: list[float], seeds: list[int], eos_id: int, pad_id: int, ignore_eos: list[bool] | None = None,
            on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample answers for a batch of prompts; returns (token ids per row, ended_with_eos per row).
 
     Each row stops at EOS or at its own `max_new_tokens`; `on_step(tokens, active)` sees every step.
+    Rows with `ignore_eos` never sample EOS (benchmarks use it to decode a fixed length).
     """
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -65,7 +66,10 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: list[int], temper
     ended_with_eos = [False] * batch
     active = torch.ones(batch, dtype=torch.bool, device=device)
     position = positions[:, -1:]
+    no_eos = torch.tensor(ignore_eos or [False] * batch, device=device)
     for step in range(int(limits.max())):
+        if no_eos.any():
+            logits[no_eos, eos_id] = float("-inf")
         tokens = sample_tokens(logits, temps, top_ps, generators)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad_id))
         if on_step is not None:
@@ -110,6 +114,7 @@ class Request:
     temperature: float = 0.7
     top_p: float = 0.9
     seeds: list[int] | None = None
+    ignore_eos: bool = False
     events: queue.Queue = field(default_factory=queue.Queue)
     """("token", index, text) ... then ("done", Result) or ("error", message)."""
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -155,6 +160,8 @@ class GenerationEngine:
         self.inbox: queue.Queue = queue.Queue()
         self.batches_run = 0
         self.requests_served = 0
+        self.threads: int | None = None
+        """Torch threads for the next batch (None: leave as is); lowered while a training run shares the cores."""
         self.thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
         self._stopping = False
 
@@ -169,9 +176,10 @@ class GenerationEngine:
         self.thread.join(timeout=30)
 
     def submit(self, messages: list[dict], n: int = 2, max_new_tokens: int = 128, temperature: float = 0.7,
-               top_p: float = 0.9, seeds: list[int] | None = None) -> Request:
+               top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False) -> Request:
         request = Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)])
+                          top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)],
+                          ignore_eos=ignore_eos)
         self.inbox.put(request)
         return request
 
@@ -245,6 +253,8 @@ class GenerationEngine:
     def _run_batch(self, batch: list[Request]):
         if not batch:
             return
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         try:
             self._generate(batch)
         except Exception as error:
@@ -255,7 +265,7 @@ class GenerationEngine:
     def _generate(self, batch: list[Request]):
         tokenizer = self.tokenizer
         rows: list[tuple[Request, int]] = []        # (request, answer index) per batch row
-        prompts, limits, temps, top_ps, seeds = [], [], [], [], []
+        prompts, limits, temps, top_ps, seeds, no_eos = [], [], [], [], [], []
         encoded = {}
         for request in batch:
             room = self.max_context_tokens - request.max_new_tokens
@@ -268,6 +278,7 @@ class GenerationEngine:
                 temps.append(request.temperature)
                 top_ps.append(request.top_p)
                 seeds.append(request.seeds[index])
+                no_eos.append(request.ignore_eos)
         started = time.perf_counter()
         first_token_at: dict[int, float] = {}
         tokens_so_far: list[list[int]] = [[] for _ in rows]
@@ -293,7 +304,8 @@ class GenerationEngine:
         context = self.model.disable_adapter() if self.version == "base" and self.loaded_adapters else _nothing()
         with context:
             answers, ended = decode(self.model, prompts, max_new_tokens=limits, temperature=temps, top_p=top_ps,
-                                    seeds=seeds, eos_id=eos_id, pad_id=tokenizer.pad_token_id, on_step=on_step)
+                                    seeds=seeds, eos_id=eos_id, pad_id=tokenizer.pad_token_id, ignore_eos=no_eos,
+                                    on_step=on_step)
         done_at = time.perf_counter()
         self.batches_run += 1
         for request in batch:

@@ -191,7 +191,7 @@ def load_model(cfg: ModelConfig, tokenizer, kind: str = "causal_lm"):
         if cfg.quantization == "none":
             model = model.to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:  # a sequence-classification model has none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a server
 
+from matplotlib import dates as mdates  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 SIZE = (5.5, 3.2)  # inches; two figures side by side fit a laptop screen
@@ -59,7 +60,9 @@ def votes_over_time(vote_times: list[str]) -> Figure:
     axes.set_ylabel("votes (cumulative)")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    figure.autofmt_xdate()
+    locator = mdates.AutoDateLocator()
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     return figure
 
 
@@ -101,27 +104,24 @@ def reward_model_accuracy(versions: list[dict]) -> Figure:
 
 
 def reward_and_kl(versions: list[dict]) -> Figure:
-    """Mean reward-model score and KL to the base model per version, on two y axes."""
+    """Mean reward-model score (left) and KL to the base model (right) per version."""
     title = "Mean reward and KL per version"
     rows = [(str(v.get("id")), metric(v, *SCORE_KEYS), metric(v, "objective/kl")) for v in versions]
     rows = [row for row in rows if row[1] is not None or row[2] is not None]
     if not rows:
         return no_data(title)
     figure = Figure(figsize=SIZE, layout="constrained")
-    score_axes = figure.add_subplot()
-    kl_axes = score_axes.twinx()
-    x = list(range(len(rows)))
-    scores = [(i, s) for i, (_, s, _) in enumerate(rows) if s is not None]
-    kls = [(i, k) for i, (_, _, k) in enumerate(rows) if k is not None]
-    if scores:
-        score_axes.plot(*zip(*scores), "o-", color="tab:blue", label="mean reward")
-    if kls:
-        kl_axes.plot(*zip(*kls), "s--", color="tab:red", label="KL to base (nats)")
-    score_axes.set_xticks(x, [name for name, _, _ in rows])
-    score_axes.set_ylabel("mean reward", color="tab:blue")
-    kl_axes.set_ylabel("KL (nats)", color="tab:red")
-    score_axes.set_title(title)
-    score_axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    names = [name for name, _, _ in rows]
+    for column, (label, color) in enumerate((("mean reward", "tab:blue"), ("KL to base (nats)", "tab:red"))):
+        axes = figure.add_subplot(1, 2, column + 1)
+        points = [(x, row[column + 1]) for x, row in enumerate(rows) if row[column + 1] is not None]
+        if points:
+            axes.plot(*zip(*points), "o-", color=color)
+        axes.set_xticks(range(len(names)), names)
+        axes.set_xlim(-0.5, len(names) - 0.5)
+        axes.set_title(label, fontsize=10)
+        axes.grid(alpha=0.3)
     return figure
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from chat_app.app import serving_threads
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 JOB_ID = "retrain"
@@ -180,6 +182,7 @@ class RetrainScheduler:
         log_file = open(log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         self.current_run_id = run_id
+        self.app.engine.threads = serving_threads(config, training=True)   # leave the trainer its cores
         self.app.store.update_run(run_id, pid=self.process.pid)
         log.info("training run %d started (pid %d, log %s)", run_id, self.process.pid, log_path)
         threading.Thread(target=self._watch, args=(self.process, run_id, log_path, log_file), daemon=True,
@@ -188,6 +191,7 @@ class RetrainScheduler:
     def _watch(self, process: subprocess.Popen, run_id: int, log_path: Path, log_file):
         code = process.wait()
         log_file.close()
+        self.app.engine.threads = serving_threads(self.app.config, training=False)
         self.after_run(run_id, code, log_path)
 
     def after_run(self, run_id: int, exit_code: int, log_path: Path | None = None):

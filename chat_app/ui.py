@@ -58,13 +58,13 @@ def build_chat_tab(app) -> gr.Blocks:
     with gr.Blocks() as tab:
         session = gr.State(new_session())
         serving = gr.Markdown(elem_id="serving-line")
-        conversation = gr.Chatbot(label="Conversation", elem_id="conversation", height=340,
+        conversation = gr.Chatbot(label="Conversation", elem_id="conversation", height=340, buttons=["copy"],
                                   placeholder="Send a message: two answers will appear below, then pick the better one.")
         with gr.Row(equal_height=True):
             answers = []
             for name in ("A", "B"):
                 with gr.Column(elem_classes="answer-panel"):
-                    gr.Markdown(name, elem_classes="answer-label")
+                    gr.Markdown(f"**{name}**", elem_classes="answer-label")
                     answers.append(gr.Markdown(WAITING, elem_id=f"answer-{name.lower()}", line_breaks=True))
         answer_a, answer_b = answers
         with gr.Row():
@@ -84,8 +84,9 @@ def build_chat_tab(app) -> gr.Blocks:
             better_send = gr.Button("Use my answer", elem_id="better-btn")
         timer = gr.Timer(SERVING_REFRESH_S)
 
-        votes_off = {b: gr.Button(interactive=False) for b in buttons.values()}
-        votes_on = {b: gr.Button(interactive=True) for b in buttons.values()}
+        # updates, not components: a gr.Button(...) made here, inside the Blocks, would add a button to the page
+        votes_off = {b: gr.update(interactive=False) for b in buttons.values()}
+        votes_on = {b: gr.update(interactive=True) for b in buttons.values()}
         cleared = {answer_a: WAITING, answer_b: WAITING, **votes_off, notice: "", truncated: ""}
         outputs = [session, conversation, box, answer_a, answer_b, *buttons.values(), notice, truncated, serving,
                    better_box]
@@ -203,7 +204,8 @@ def build_chat_tab(app) -> gr.Blocks:
         for choice, button in buttons.items():
             button.click(vote_handler(choice), [session], outputs, **quiet)
         better_send.click(write_better, [better_box, session], outputs, **quiet)
-        new_chat.click(start_over, [session], outputs, **quiet)
+        gr.on(triggers=[new_chat.click, conversation.clear], fn=start_over, inputs=[session], outputs=outputs,
+              **quiet)  # the chatbot's own clear button starts over too
         gr.on(triggers=[tab.load, timer.tick], fn=lambda: serving_line(app), outputs=serving, **quiet)
     return tab
 
@@ -300,14 +302,15 @@ def build_operator_tab(app) -> gr.Blocks:
         drawn_for = gr.State(None)  # data the plots and tables were last drawn for
         with gr.Column(visible=False, elem_id="op-console") as console:
             gr.Markdown("### Retrain schedule")
-            with gr.Row():
-                enabled = gr.Checkbox(label="Scheduled retraining enabled", elem_id="op-enabled")
-                every = gr.Number(label="Check every N minutes", minimum=0.1, elem_id="op-every")
-                min_votes = gr.Number(label="Minimum new votes", precision=0, minimum=0, elem_id="op-min-votes")
-            with gr.Row():
-                save = gr.Button("Save schedule", elem_id="op-save")
-                pause = gr.Button("Pause", elem_id="op-pause")
-                run_now = gr.Button("Run now", variant="primary", elem_id="op-run-now")
+            with gr.Column(visible=app.scheduler is not None):  # a server started without one has no controls
+                with gr.Row():
+                    enabled = gr.Checkbox(label="Scheduled retraining enabled", elem_id="op-enabled")
+                    every = gr.Number(label="Check every N minutes", minimum=0.1, elem_id="op-every")
+                    min_votes = gr.Number(label="Minimum new votes", precision=0, minimum=0, elem_id="op-min-votes")
+                with gr.Row():
+                    save = gr.Button("Save schedule", elem_id="op-save")
+                    pause = gr.Button("Pause", elem_id="op-pause")
+                    run_now = gr.Button("Run now", variant="primary", elem_id="op-run-now")
             schedule_md = gr.Markdown(elem_id="op-schedule")
             op_action = gr.Markdown(elem_id="op-action")
             gr.Markdown("### Current training run")
@@ -410,12 +413,13 @@ def build_operator_tab(app) -> gr.Blocks:
 
 def build_ui(app) -> gr.Blocks:
     """Both tabs; mounted by server.create_web_app with THEME and CSS."""
+    chat_tab, operator_tab = build_chat_tab(app), build_operator_tab(app)  # each built alone, then placed
     with gr.Blocks(title="Chat that learns from your votes") as demo:
         gr.Markdown("## Chat that learns from your votes\nEach message gets two answers; your vote teaches the "
                     "model which one people prefer. The app retrains itself on the votes.")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                build_chat_tab(app).render()
+                chat_tab.render()
             with gr.Tab("Operator", id="operator"):
-                build_operator_tab(app).render()
+                operator_tab.render()
     return demo

@@ -121,7 +121,7 @@ class RewardModel:
     def encode(self, prompt_messages_list: list[list[dict]], answers: list[str]) -> list[list[int]]:
         return [encode_pair_text(self.tokenizer, m, a, self.max_length) for m, a in zip(prompt_messages_list, answers)]
 
-    def forward(self, sequences: list[list[int]]) -> Tensor:
+    def score_ids(self, sequences: list[list[int]]) -> Tensor:
         """Rewards (batch,) float32, read from the hidden state at each sequence's last real token."""
         # Pooling by hand, not through the HF head's forward: transformers 5's GenericForSequenceClassification
         # pools at "the rightmost token that is not pad_token_id", and with pad == eos (SmolLM2: id 2) that
@@ -142,7 +142,7 @@ class RewardModel:
         rewards = torch.zeros(len(sequences))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            rewards[rows] = self.forward([sequences[i] for i in rows]).cpu()
+            rewards[rows] = self.score_ids([sequences[i] for i in rows]).cpu()
         self.model.train(was_training)
         return rewards
 
@@ -192,7 +192,7 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
         rng.shuffle(order)
         for start in range(0, len(order), reward_cfg.batch_size):
             mb = order[start:start + reward_cfg.batch_size]
-            rewards = rm.forward([chosen_ids[i] for i in mb] + [rejected_ids[i] for i in mb])  # (2 * mb,)
+            rewards = rm.score_ids([chosen_ids[i] for i in mb] + [rejected_ids[i] for i in mb])  # (2 * mb,)
             mb_chosen, mb_rejected = rewards[:len(mb)], rewards[len(mb):]
             loss = bradley_terry_loss(mb_chosen, mb_rejected)
             optimizer.zero_grad(set_to_none=True)

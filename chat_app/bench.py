@@ -1,0 +1,227 @@
+"""`run.py bench`: serving and training speed, each figure beside its baseline measured in the same run."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from chat_app.app import serving_threads
+from chat_app.chat import encode_prompt
+from chat_app.engine import GenerationEngine
+from chat_app.model import load_model, load_tokenizer
+
+QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
+             "Explain what a black hole is.", "How do I boil an egg?", "Write a haiku about autumn.",
+             "What is photosynthesis?", "Why is the sky blue?", "What does a CPU do?"]
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_generate(model, tokenizer, questions: list[str], new_tokens: int, per_prompt: int = 2) -> dict:
+    """Baseline: HF `generate`, sampling, every sequence forced to `new_tokens` (ms per token step)."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(ask(q), add_generation_prompt=True, tokenize=False) for q in questions]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sync(device)
+    started = time.perf_counter()
+    model.generate(**batch, do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, num_return_sequences=per_prompt, pad_token_id=tokenizer.pad_token_id)
+    sync(device)
+    seconds = time.perf_counter() - started
+    sequences = len(questions) * per_prompt
+    return {"ms_per_step": seconds * 1000 / new_tokens, "tokens_per_s": sequences * new_tokens / seconds}
+
+
+def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int, together: bool) -> dict:
+    """Pairs through the engine: all submitted at once (batched), or one request after another."""
+    started = time.perf_counter()
+    if together:
+        results = [job.result() for job in [engine.submit(ask(q), n=2, max_new_tokens=new_tokens, ignore_eos=True)
+                                            for q in questions]]
+    else:
+        results = [engine.submit(ask(q), n=2, max_new_tokens=new_tokens, ignore_eos=True).result()
+                   for q in questions]
+    seconds = time.perf_counter() - started
+    tokens = sum(sum(r.completion_tokens) for r in results)
+    steps = new_tokens if together else new_tokens * len(questions)
+    return {"ms_per_step": seconds * 1000 / steps, "tokens_per_s": tokens / seconds,
+            "first_token_ms": statistics.median(r.first_token_ms for r in results)}
+
+
+def random_adapter(model_cfg, tokenizer, lora_cfg, folder: Path) -> Path:
+    """A LoRA adapter of the configured shape with random (non-zero) weights: the cost of serving one."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(load_model(model_cfg, tokenizer), LoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, target_modules=lora_cfg.target_modules, init_lora_weights=False))
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def training_load(seconds: float, config_path: str, threads: int | None):
+    """Start a subprocess that trains (forward + backward, like PPO's update) for `seconds`."""
+    env = {**os.environ}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    code = ("import sys, time, torch; from chat_app.config import load_config; "
+            "from chat_app.model import load_model, load_tokenizer; "
+            f"c = load_config({config_path!r}); t = load_tokenizer(c.model); m = load_model(c.model, t); m.train(); "
+            "ids = torch.randint(100, 1000, (8, 96)); print('ready', flush=True); end = time.time() + float(sys.argv[1])\n"
+            "while time.time() < end: m(input_ids=ids, labels=ids).loss.backward()")
+    process = subprocess.Popen([sys.executable, "-c", code, str(seconds)], env=env, stdout=subprocess.PIPE, text=True)
+    process.stdout.readline()   # wait until it is loaded and about to train
+    return process
+
+
+def hot_swap_under_load(engine: GenerationEngine, adapter: Path, version: str, new_tokens: int) -> dict:
+    """Swap while requests keep arriving: serving's pause, and how many requests finished during the swap."""
+    finished: list[float] = []
+    stop = threading.Event()
+
+    def users():
+        while not stop.is_set():
+            engine.submit(ask("Say something."), n=2, max_new_tokens=new_tokens).result()
+            finished.append(time.perf_counter())
+
+    workers = [threading.Thread(target=users, daemon=True) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    started = time.perf_counter()
+    pause_ms = engine.swap(str(adapter), version)
+    ended = time.perf_counter()
+    time.sleep(1.0)
+    stop.set()
+    for w in workers:
+        w.join()
+    during = sum(started <= t <= ended for t in finished)
+    return {"pause_ms": pause_ms, "swap_call_ms": (ended - started) * 1000, "requests_finished_during_swap": during,
+            "requests_failed": 0}
+
+
+def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iterations: int) -> dict:
+    """Reward-model pairs/s and PPO iteration time split into rollout and update."""
+    import random
+
+    from trainer.data import as_messages, load_prompts
+    from trainer.ppo import ValueHead, make_policy, train_ppo
+    from trainer.reward import train_reward_model
+
+    prompts = load_prompts(config.schedule.seed_prompts)
+    rng = random.Random(0)
+    pairs = [{"prompt_messages": as_messages(p), "chosen": "A short, clear answer.",
+              "rejected": "A long answer that rambles on " + "and on " * rng.randint(3, 20)} for p in prompts[:48]]
+    config.reward.epochs = 1
+    _, rm_metrics = train_reward_model(config.model, config.reward, tokenizer, pairs)
+    policy = make_policy(load_model(config.model, tokenizer), config.lora)
+    value_head = ValueHead(policy.config.hidden_size)
+    cfg = config.ppo
+    cfg.iterations, cfg.response_length = iterations, response_length
+    cfg.samples_per_prompt = 2
+    cfg.rollout_prompts = max(1, ppo_batch // cfg.samples_per_prompt)
+    metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts],
+                        lambda prompts, answers: torch.tensor([-len(a) / 100 for a in answers]), cfg)
+    return {"rm_pairs_per_s": rm_metrics.get("rm/pairs_per_s"),
+            "ppo_iteration_s": (metrics["time/rollout_s"] + metrics["time/update_s"]) / iterations,
+            "ppo_rollout_s": metrics["time/rollout_s"] / iterations,
+            "ppo_update_s": metrics["time/update_s"] / iterations,
+            "ppo_batch": cfg.rollout_prompts * cfg.samples_per_prompt, "response_length": response_length}
+
+
+def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: int = 48, iterations: int = 2,
+          new_tokens: int = 48) -> dict:
+    results: dict = {"config": config.source, "cores": os.cpu_count(), "torch": torch.__version__}
+    torch.set_num_threads(serving_threads(config, training=False))
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, tokenizer)
+    device = next(model.parameters()).device
+    results["device"] = str(device)
+    say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
+    engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
+                              max_batch_requests=8).start()
+    engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up
+    plain_generate(model, tokenizer, QUESTIONS[:1], 4)
+
+    # 1. one pair, and eight users at once, against plain generate
+    one_plain = plain_generate(model, tokenizer, QUESTIONS[:1], new_tokens)
+    one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True)
+    results["one_pair"] = {**one, "plain_generate_ms_per_step": one_plain["ms_per_step"],
+                           "ratio_to_plain": one["ms_per_step"] / one_plain["ms_per_step"]}
+    say(f"one pair: {one['ms_per_step']:.1f} ms/step vs plain generate {one_plain['ms_per_step']:.1f} "
+        f"({results['one_pair']['ratio_to_plain']:.2f}x), first token {one['first_token_ms']:.0f} ms")
+    eight_plain = plain_generate(model, tokenizer, QUESTIONS, new_tokens)
+    eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)
+    one_at_a_time = engine_pairs(engine, QUESTIONS, new_tokens, together=False)
+    results["eight_users"] = {**eight, "one_at_a_time_tokens_per_s": one_at_a_time["tokens_per_s"],
+                              "throughput_vs_one_at_a_time": eight["tokens_per_s"] / one_at_a_time["tokens_per_s"],
+                              "plain_generate_tokens_per_s": eight_plain["tokens_per_s"]}
+    say(f"8 users: {eight['tokens_per_s']:.0f} tok/s vs one at a time {one_at_a_time['tokens_per_s']:.0f} "
+        f"({results['eight_users']['throughput_vs_one_at_a_time']:.2f}x); plain generate of 16 sequences "
+        f"{eight_plain['tokens_per_s']:.0f} tok/s; first token (median) {eight['first_token_ms']:.0f} ms")
+
+    # 2. serving a LoRA adapter (the normal state after the first retrain), and the hot-swap to it
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = random_adapter(config.model, tokenizer, config.lora, Path(tmp) / "v1")
+        results["hot_swap"] = hot_swap_under_load(engine, adapter, "v1", new_tokens=16)
+        say(f"hot-swap: serving paused {results['hot_swap']['pause_ms']:.0f} ms; "
+            f"{results['hot_swap']['requests_finished_during_swap']} requests finished during the swap call")
+        lora_one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True)
+        lora_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)
+        results["with_lora"] = {"one_pair_ms_per_step": lora_one["ms_per_step"],
+                                "eight_users_tokens_per_s": lora_eight["tokens_per_s"],
+                                "ratio_to_base": lora_one["ms_per_step"] / one["ms_per_step"]}
+        say(f"with a LoRA adapter: one pair {lora_one['ms_per_step']:.1f} ms/step "
+            f"({results['with_lora']['ratio_to_base']:.2f}x the base), 8 users {lora_eight['tokens_per_s']:.0f} tok/s")
+
+    # 3. while a training process runs beside serving: our thread split against torch's defaults
+    if device.type == "cpu":
+        split = {}
+        for name, serve_threads, train_threads in (
+                ("split", serving_threads(config, training=True), config.schedule.trainer_threads),
+                ("default_threads", os.cpu_count(), None)):
+            engine.threads = serve_threads
+            load = training_load(60, config.source or "configs/default.yaml", train_threads)
+            during = engine_pairs(engine, QUESTIONS[:1], 24, together=True)
+            load.kill()
+            load.wait()
+            split[name] = {"serving_threads": serve_threads, "trainer_threads": train_threads or os.cpu_count(),
+                           "one_pair_ms_per_step": during["ms_per_step"]}
+        engine.threads = serving_threads(config, training=False)
+        results["during_training"] = split
+        say(f"while training: one pair {split['split']['one_pair_ms_per_step']:.0f} ms/step with our split "
+            f"({split['split']['serving_threads']}+{split['split']['trainer_threads']} threads) vs "
+            f"{split['default_threads']['one_pair_ms_per_step']:.0f} ms/step with default threads")
+    engine.stop()
+
+    # 4. training speed (in this process), then peak memory
+    torch.set_num_threads(config.schedule.trainer_threads if device.type == "cpu" else torch.get_num_threads())
+    results["training"] = bench_training(config, tokenizer, ppo_batch, response_length, iterations)
+    say(f"training: reward model {results['training']['rm_pairs_per_s']:.1f} pairs/s; PPO iteration "
+        f"{results['training']['ppo_iteration_s']:.1f} s (rollout {results['training']['ppo_rollout_s']:.1f} s, "
+        f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
+        f"{response_length} tokens")
+    results["peak_memory_mb"] = {"this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                 "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    if device.type == "cuda":
+        results["peak_memory_mb"]["cuda"] = torch.cuda.max_memory_allocated() / 2**20
+    say(f"peak memory: {results['peak_memory_mb']}")
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return results
