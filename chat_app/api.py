@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from chat_app.app import App
-from chat_app.chat import ChatInputError, cast_vote, clean_messages, finish_pair, start_pair
+from chat_app.chat import ChatInputError, cast_vote, clean_messages, finish_pair, start_pair, with_system_prompt
 from chat_app.status import public_status
 
 
@@ -52,7 +52,7 @@ def parse_completion_request(body: dict, app: App) -> dict:
     """Validated chat-completion arguments; ApiError (400) names what is wrong."""
     serve = app.config.serve
     try:
-        messages = clean_messages(body.get("messages"))
+        messages = with_system_prompt(clean_messages(body.get("messages")), serve.system_prompt)
     except ChatInputError as error:
         raise ApiError(400, str(error), "messages")
     n = body.get("n", 1)
@@ -138,9 +138,10 @@ def register_api(api: FastAPI, app: App) -> None:
         if not args["stream"]:
             try:
                 result = await asyncio.to_thread(job.result)
-            except RuntimeError as error:
+            except Exception as error:   # a generation error, or no answer within the engine's timeout
                 failed()
-                return error_response(500, str(error), kind="server_error")
+                return error_response(500, f"generation failed: {error or type(error).__name__}",
+                                      kind="server_error")
             finished(result)
             choices = [{"index": i, "message": {"role": "assistant", "content": text},
                         "finish_reason": _finish_reason(eos), "logprobs": None}
@@ -163,7 +164,10 @@ def register_api(api: FastAPI, app: App) -> None:
             yield chunk(model, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                                 for i in range(args["n"])])
             while True:
-                event = await asyncio.to_thread(job.events.get)
+                try:
+                    event = await asyncio.to_thread(job.events.get, timeout=600)
+                except Exception:
+                    event = ("error", "no answer from the generation engine within 600 s")
                 if event[0] == "token":
                     yield chunk(model, [{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
                 elif event[0] == "error":

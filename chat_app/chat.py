@@ -43,6 +43,13 @@ def clean_messages(messages) -> list[dict]:
     return cleaned
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Messages with the configured system prompt first, unless the caller brought their own."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], int]:
     """Token ids of the chat prompt, dropping the oldest turns until it fits; returns (ids, turns_dropped)."""
     system = [m for m in messages[:1] if m["role"] == "system"]

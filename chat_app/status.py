@@ -35,7 +35,7 @@ def serving_line(app) -> str:
         minutes = summary["trained_minutes_ago"]
         ago = "just now" if minutes is None or minutes < 1 else f"{minutes:.0f} minutes ago"
         parts.append(f"trained on {summary['trained_on_votes']} votes, {ago}")
-    parts.append(f"{votes} votes so far")
+    parts.append(f"{votes} vote{'' if votes == 1 else 's'} so far")
     return " · ".join(parts)
 
 

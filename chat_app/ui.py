@@ -17,7 +17,8 @@ import gradio as gr
 import pandas as pd
 
 from chat_app import plots
-from chat_app.chat import VOTE_LABELS, cast_vote, chosen_answer, finish_pair, start_pair, truncation_notice
+from chat_app.chat import (VOTE_LABELS, cast_vote, chosen_answer, finish_pair, start_pair, truncation_notice,
+                           with_system_prompt)
 from chat_app.scheduler import OperatorError, serve_version
 from chat_app.status import serving_line
 from chat_app.store import CHOICES
@@ -59,7 +60,7 @@ def build_chat_tab(app) -> gr.Blocks:
         session = gr.State(new_session())
         serving = gr.Markdown(elem_id="serving-line")
         conversation = gr.Chatbot(label="Conversation", elem_id="conversation", height=340, buttons=["copy"],
-                                  placeholder="Send a message: two answers will appear below, then pick the better one.")
+                                  placeholder="Send a message: two answers appear below; pick the better one.")
         with gr.Row(equal_height=True):
             answers = []
             for name in ("A", "B"):
@@ -80,14 +81,16 @@ def build_chat_tab(app) -> gr.Blocks:
             new_chat = gr.Button("New chat", elem_id="new-chat-btn", size="sm")
         with gr.Accordion("Write a better answer", open=False, elem_id="better-accordion"):
             better_box = gr.Textbox(lines=4, show_label=False, elem_id="better-box",
-                                    placeholder="The answer you would have liked; it replaces A and B in the conversation.")
+                                    placeholder="The answer you would have liked; it replaces A and B.")
             better_send = gr.Button("Use my answer", elem_id="better-btn")
         timer = gr.Timer(SERVING_REFRESH_S)
 
-        # updates, not components: a gr.Button(...) made here, inside the Blocks, would add a button to the page
-        votes_off = {b: gr.update(interactive=False) for b in buttons.values()}
-        votes_on = {b: gr.update(interactive=True) for b in buttons.values()}
-        cleared = {answer_a: WAITING, answer_b: WAITING, **votes_off, notice: "", truncated: ""}
+        def voting(enabled: bool) -> dict:
+            # updates made at call time: a gr.Button(...) made here, inside the Blocks, would add a button
+            return {button: gr.update(interactive=enabled) for button in buttons.values()}
+
+        def cleared() -> dict:
+            return {answer_a: WAITING, answer_b: WAITING, **voting(False), notice: "", truncated: ""}
         outputs = [session, conversation, box, answer_a, answer_b, *buttons.values(), notice, truncated, serving,
                    better_box]
 
@@ -111,9 +114,8 @@ def build_chat_tab(app) -> gr.Blocks:
                 state["conversation_id"] = app.store.create_conversation(source="ui", session=request.session_hash)
             state["history"].append({"role": "user", "content": text})
             app.store.add_message(state["conversation_id"], "user", text)
-            system = [{"role": "system", "content": serve.system_prompt}] if serve.system_prompt else []
-            state["turn"] = new_turn(system + [dict(m) for m in state["history"]])
-            return {session: state, conversation: list(state["history"]), box: "", **cleared}
+            state["turn"] = new_turn(with_system_prompt([dict(m) for m in state["history"]], serve.system_prompt))
+            return {session: state, conversation: list(state["history"]), box: "", **cleared()}
 
         def stream(state: dict):
             """Sample the queued turn's pair and stream both answers into their panels."""
@@ -122,9 +124,14 @@ def build_chat_tab(app) -> gr.Blocks:
                 if turn is None or turn["stage"] != "queued":
                     return  # this click was refused, or another event already streams the turn
                 turn["stage"] = "streaming"
-            comparison_id, request = start_pair(
-                app.store, app.engine, turn["prompt"], source="ui", max_new_tokens=serve.max_new_tokens,
-                temperature=serve.temperature, top_p=serve.top_p, conversation_id=state["conversation_id"])
+            try:
+                comparison_id, request = start_pair(
+                    app.store, app.engine, turn["prompt"], source="ui", max_new_tokens=serve.max_new_tokens,
+                    temperature=serve.temperature, top_p=serve.top_p, conversation_id=state["conversation_id"])
+            except Exception as error:  # say so and keep the page usable: Regenerate tries again
+                turn["stage"] = "failed"
+                yield {notice: f"⚠️ Could not ask the model ({error}). Press Regenerate to try again."}
+                return
             turn["comparison_id"] = comparison_id
             texts, result, error = ["", ""], None, None
             try:
@@ -151,20 +158,20 @@ def build_chat_tab(app) -> gr.Blocks:
                 yield {answer_a: WAITING, answer_b: WAITING,
                        notice: f"⚠️ The model could not answer ({error}). Press Regenerate to try again."}
                 return
-            yield {answer_a: shown(result.texts[0]), answer_b: shown(result.texts[1]), **votes_on,
+            yield {answer_a: shown(result.texts[0]), answer_b: shown(result.texts[1]), **voting(True),
                    notice: "Which answer is better?", truncated: truncation_notice(result.turns_dropped)}
 
         def vote_handler(choice: str):
             def handle(state: dict, request: gr.Request):
                 turn = state["turn"]
                 if turn is None or turn["stage"] != "done":
-                    return {notice: "⚠️ There is no finished pair of answers to vote on.", **votes_off}
+                    return {notice: "⚠️ There is no finished pair of answers to vote on.", **voting(False)}
                 status, message = cast_vote(app.store, turn["comparison_id"], choice, voter=request.session_hash)
                 if status == "ok":
                     resolve(state, chosen_answer(choice, *turn["answers"]))
                     if choice in ("tie", "both_bad"):
                         message += " Answer A continues the conversation."
-                return {session: state, conversation: list(state["history"]), notice: message, **votes_off,
+                return {session: state, conversation: list(state["history"]), notice: message, **voting(False),
                         serving: serving_line(app)}
             return handle
 
@@ -178,7 +185,7 @@ def build_chat_tab(app) -> gr.Blocks:
             app.store.add_demonstration(turn["prompt"], text, author=request.session_hash,
                                         comparison_id=turn["comparison_id"])
             resolve(state, text)
-            return {session: state, conversation: list(state["history"]), better_box: "", **votes_off,
+            return {session: state, conversation: list(state["history"]), better_box: "", **voting(False),
                     notice: "Thanks! Your answer was saved as a demonstration and continues the conversation."}
 
         def regenerate_pair(state: dict):
@@ -188,13 +195,12 @@ def build_chat_tab(app) -> gr.Blocks:
             if turn["stage"] in ("queued", "streaming"):
                 return {notice: "⚠️ Wait until both answers are complete."}
             state["turn"] = new_turn(turn["prompt"])  # the old pair stays in the store, unvoted
-            return {session: state, **cleared}
+            return {session: state, **cleared()}
 
         def start_over(state: dict):
             state.clear()
             state.update(new_session())  # in place: a stream still running sees its turn is gone
-            return {session: state, conversation: [], box: "", better_box: "", **cleared,
-                    answer_a: WAITING, answer_b: WAITING}
+            return {session: state, conversation: [], box: "", better_box: "", **cleared()}
 
         quiet = {"concurrency_limit": None, "show_progress": "hidden"}
         gr.on(triggers=[send.click, box.submit], fn=submit, inputs=[box, session], outputs=outputs, **quiet
@@ -257,11 +263,12 @@ def progress_text(runs: list[dict]) -> str:
         if not runs:
             return "No training run yet."
         last = runs[0]
-        return f"No training run in progress. Last: run {last['id']} {last['status']} at {short_time(last['ended_at'])}."
+        return (f"No training run in progress. Last: run {last['id']} {last['status']} "
+                f"at {short_time(last['ended_at'])}.")
     progress = running.get("progress") or {}
     step, steps = progress.get("step"), progress.get("steps")
-    line = f"**Run {running['id']}** ({running['trigger']}, started {short_time(running['started_at'])}) · " \
-           f"stage **{progress.get('stage', 'starting')}**"
+    line = (f"**Run {running['id']}** ({running['trigger']}, started {short_time(running['started_at'])}) · "
+            f"stage **{progress.get('stage', 'starting')}**")
     if isinstance(step, (int, float)) and isinstance(steps, (int, float)) and steps > 0:
         filled = round(20 * min(step / steps, 1.0))
         line += f" · `{'█' * filled}{'░' * (20 - filled)}` step {step}/{steps}"
@@ -305,8 +312,8 @@ def build_operator_tab(app) -> gr.Blocks:
             with gr.Column(visible=app.scheduler is not None):  # a server started without one has no controls
                 with gr.Row():
                     enabled = gr.Checkbox(label="Scheduled retraining enabled", elem_id="op-enabled")
-                    every = gr.Number(label="Check every N minutes", minimum=0.1, elem_id="op-every")
-                    min_votes = gr.Number(label="Minimum new votes", precision=0, minimum=0, elem_id="op-min-votes")
+                    every = gr.Number(label="Check every N minutes", elem_id="op-every")
+                    min_votes = gr.Number(label="Minimum new votes", precision=0, elem_id="op-min-votes")
                 with gr.Row():
                     save = gr.Button("Save schedule", elem_id="op-save")
                     pause = gr.Button("Pause", elem_id="op-pause")
@@ -362,7 +369,7 @@ def build_operator_tab(app) -> gr.Blocks:
                 return locked(problem) if problem else action(*args)
             return handler
 
-        def open_console(drawn):
+        def open_console():
             return {op_message: f"Unlocked. Serving **{app.serving_version()}**.", console: gr.Column(visible=True),
                     timer: gr.Timer(active=True), **schedule_fields(), **live(None)}
 
@@ -370,8 +377,9 @@ def build_operator_tab(app) -> gr.Blocks:
             if app.scheduler is None:
                 return {op_action: schedule_text(app)}
             try:
-                app.scheduler.update_schedule({"enabled": bool(is_enabled), "retrain_every_minutes": float(minutes or 0),
-                                               "min_new_votes": int(votes or 0)}, actor="operator")
+                changes = {"enabled": bool(is_enabled), "retrain_every_minutes": float(minutes or 0),
+                           "min_new_votes": int(votes or 0)}
+                app.scheduler.update_schedule(changes, actor="operator")
             except OperatorError as error:
                 return {op_action: f"⚠️ {error}"}
             return {op_action: "Schedule saved.", **schedule_fields()}
@@ -401,7 +409,7 @@ def build_operator_tab(app) -> gr.Blocks:
                         op_action, progress_md, votes_plot, accuracy_plot, reward_plot, win_plot, versions_df,
                         version_pick, runs_df, export]
         quiet = {"concurrency_limit": None, "show_progress": "hidden"}
-        gr.on(triggers=[unlock.click, password.submit], fn=guarded(open_console), inputs=[password, drawn_for],
+        gr.on(triggers=[unlock.click, password.submit], fn=guarded(open_console), inputs=[password],
               outputs=every_output, **quiet)
         save.click(guarded(save_schedule), [password, enabled, every, min_votes], every_output, **quiet)
         pause.click(guarded(toggle_pause), [password], every_output, **quiet)

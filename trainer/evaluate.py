@@ -88,7 +88,7 @@ def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], ada
         ref_logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id)
     kl = [float((lp - ref).sum()) for lp, ref in zip(logprobs, ref_logprobs)]
     scores = reward_model.score(repeated, texts) if reward_model is not None else torch.zeros(len(texts))
-    return {"score": float(scores.float().mean()), "kl": sum(kl) / len(kl),
+    return {"score": float(scores.float().mean()), "scores": scores.float().tolist(), "kl": sum(kl) / len(kl),
             "length": sum(len(a) for a in answer_ids) / len(answer_ids), "eos_rate": sum(ended) / len(ended),
             "examples": [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(repeated[:4], texts[:4])]}
 

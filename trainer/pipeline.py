@@ -126,7 +126,8 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     progress({"stage": "gate", "step": 2, "steps": 2})
     passed, reason = gate_decision(candidate, incumbent, config.gate)
     timings["time/gate_s"] = time.perf_counter() - t0
-    metrics.update({"eval/candidate_score": candidate["score"], "eval/serving_score": incumbent["score"],
+    wins = [c > s for c, s in zip(candidate.pop("scores"), incumbent.pop("scores"))]   # same prompts, same order
+    metrics.update({"eval/win_rate": sum(wins) / len(wins), "eval/candidate_score": candidate["score"], "eval/serving_score": incumbent["score"],
                     "eval/reward_gain": candidate["score"] - incumbent["score"], "eval/candidate_kl": candidate["kl"],
                     "eval/serving_kl": incumbent["kl"], "eval/candidate_length": candidate["length"],
                     "eval/serving_length": incumbent["length"], "eval/candidate_eos_rate": candidate["eos_rate"],

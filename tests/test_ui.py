@@ -1,0 +1,177 @@
+"""The Gradio UI in a real browser: the app runs in-process on localhost, headless Chromium drives it."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+PASSWORD = "op-test-password"
+WAIT_MS = 60_000  # the first pair includes the engine's warm-up
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium`", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="install the test extra: `pip install playwright` "
+                               "(it drives Debian's chromium; no `playwright install` needed)")
+expect = sync_api.expect
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real app (tiny model, real SQLite file) served by uvicorn in a background thread; yields (app, url)."""
+    import uvicorn
+
+    from chat_app.app import build_app
+    from chat_app.config import load_config
+    from chat_app.server import create_web_app
+
+    tmp = tmp_path_factory.mktemp("ui")
+    app = build_app(load_config(TINY, [f"serve.db_path={tmp / 'f.db'}", f"serve.adapters_dir={tmp / 'adapters'}"]),
+                    with_scheduler=False)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_web_app(app), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not web.started:
+        assert thread.is_alive() and time.time() < deadline, "the web server did not start"
+        time.sleep(0.1)
+    yield app, f"http://127.0.0.1:{port}"
+    web.should_exit = True
+    thread.join(timeout=10)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    _, url = server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    expect(page.locator("#msg-box textarea")).to_be_visible(timeout=30_000)
+    yield page
+    page.close()
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def test_chat_streams_two_answers_and_records_the_vote(server, page):
+    app, _ = server
+    expect(page.locator("#serving-line")).to_contain_text("Serving base")
+    page.locator("#send-btn").click()  # an empty message is refused with a visible notice
+    expect(page.locator("#vote-status")).to_contain_text("Type a message first")
+
+    vote_buttons = [page.locator(f"#vote-{c}") for c in ("a", "b", "tie", "both_bad")]
+    for button in vote_buttons:
+        expect(button).to_be_disabled()
+    page.locator("#msg-box textarea").fill('Hello there <img src=x onerror="window.__xss = 1">')
+    page.locator("#msg-box textarea").press("Enter")
+    for button in vote_buttons:  # enabled only once both answers are complete
+        expect(button).to_be_enabled(timeout=WAIT_MS)
+    shown_a = squash(page.locator("#answer-a").inner_text())
+    assert shown_a and page.locator("#answer-b").inner_text().strip()
+
+    page.locator("#vote-a").click()
+    expect(page.locator("#vote-status")).to_contain_text("Vote recorded: A is better")
+    for button in vote_buttons:
+        expect(button).to_be_disabled()
+
+    with sqlite3.connect(app.config.serve.db_path) as db:  # the vote is in the file, readable by any SQLite tool
+        rows = db.execute("SELECT id, answer_a, voter, source FROM comparisons WHERE choice = 'a'").fetchall()
+        assert len(rows) == 1 and rows[0][2] and rows[0][3] == "ui"
+        messages = db.execute("SELECT role, content, comparison_id FROM messages ORDER BY id").fetchall()
+    assert [m[0] for m in messages] == ["user", "assistant"]
+    assert messages[1][1] == rows[0][1] and messages[1][2] == rows[0][0]  # A joined the conversation
+
+    bubbles = page.locator("#conversation .message-row")
+    expect(bubbles).to_have_count(2)
+    assert "Hello there" in bubbles.nth(0).inner_text()
+    if shown_a != "(empty answer)":  # the chosen answer continues the conversation
+        assert squash(bubbles.nth(1).inner_text()) == shown_a
+    assert page.evaluate("window.__xss") is None  # user text is rendered, never executed
+    expect(page.locator("#serving-line")).to_contain_text("1 vote so far")
+
+
+def test_engine_error_is_shown_and_regenerate_retries(server, page, monkeypatch):
+    from chat_app.engine import Request
+
+    app, _ = server
+    failing = Request(messages=[])
+    failing.events.put(("error", "generation failed: out of memory"))
+    real_submit = app.engine.submit
+    monkeypatch.setattr(app.engine, "submit", lambda *args, **kwargs: failing)
+    page.locator("#msg-box textarea").fill("this one fails")
+    page.locator("#send-btn").click()
+    expect(page.locator("#vote-status")).to_contain_text("out of memory")
+    expect(page.locator("#vote-status")).to_contain_text("Regenerate")
+    expect(page.locator("#vote-a")).to_be_disabled()
+    with sqlite3.connect(app.config.serve.db_path) as db:  # the failed pair's reserved row is gone
+        prompts = [row[0] for row in db.execute("SELECT prompt_json FROM comparisons")]
+    assert not any("this one fails" in p for p in prompts)
+
+    monkeypatch.setattr(app.engine, "submit", real_submit)
+    page.locator("#regenerate-btn").click()
+    expect(page.locator("#vote-b")).to_be_enabled(timeout=WAIT_MS)
+    page.locator("#vote-b").click()
+    expect(page.locator("#vote-status")).to_contain_text("Vote recorded: B is better")
+
+
+def test_operator_console_needs_the_password(server, page, monkeypatch):
+    app, _ = server
+    page.get_by_role("tab", name="Operator").click()
+    password, unlock = page.locator("#op-password input"), page.locator("#op-unlock")
+
+    monkeypatch.delenv("OPERATOR_PASSWORD", raising=False)
+    unlock.click()
+    expect(page.locator("#op-message")).to_contain_text("locked")
+    expect(page.locator("#op-message")).to_contain_text("OPERATOR_PASSWORD")
+
+    monkeypatch.setenv("OPERATOR_PASSWORD", PASSWORD)
+    password.fill("not-the-password")
+    unlock.click()
+    expect(page.locator("#op-message")).to_contain_text("Wrong password")
+    expect(page.locator("#op-console")).to_be_hidden()
+
+    password.fill(PASSWORD)
+    password.press("Enter")
+    expect(page.locator("#op-console")).to_be_visible()
+    expect(page.locator("#op-message")).to_contain_text("Unlocked")
+    expect(page.locator("#op-schedule")).to_contain_text("not running")
+    expect(page.locator("#op-progress")).to_contain_text("No training run")
+
+    with page.expect_download() as download:  # the export holds every A/B vote as a JSONL row
+        page.locator("#op-export").click()
+    rows = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+    assert len(rows) == len(app.store.export_preferences())
+    assert all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
+
+    password.fill("not-the-password")  # every action checks the password again, server-side
+    page.locator("#op-serve").click()
+    expect(page.locator("#op-message")).to_contain_text("Wrong password")
+    expect(page.locator("#op-console")).to_be_hidden()
