@@ -94,7 +94,10 @@ class PPOConfig:
     """Answers sampled per prompt (rollout batch = prompts × samples)."""
     response_length: int = 48
     """New tokens per rollout answer."""
-    temperature: float = 1.0
+    temperature: float = 0.7
+    """Rollout temperature; logprobs (policy, old and reference) use the same tempered logits."""
+    top_k: int = 0
+    """0 samples rollouts from the whole vocabulary, as the logprobs assume; k > 0 focuses on the k likeliest."""
     learning_rate: float = 2e-4
     kl_coef: float = 0.05
     """β in the per-token penalty β·(logp − logp_ref). Raise it if answers drift from the base."""
@@ -183,6 +186,11 @@ def _coerce(key: str, value, kind):
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):   # YAML reads 2e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str, bool):
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")

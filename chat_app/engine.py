@@ -30,23 +30,34 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  generators: list[torch.Generator]) -> torch.Tensor:
-    """One token per row from logits (batch, vocab), each row with its own temperature, top-p and generator."""
+                  generators: list[torch.Generator], top_k: int = TOP_K) -> torch.Tensor:
+    """One token per row from logits (batch, vocab), each row with its own temperature, top-p and generator.
+
+    `top_k=0` samples from the whole vocabulary (PPO rollouts: their logprobs are over all of it).
+    """
     greedy = temperature <= 0
-    top_logits, top_ids = logits.float().topk(min(TOP_K, logits.shape[-1]), dim=-1)  # (batch, k), sorted
+    k = logits.shape[-1] if top_k <= 0 else min(top_k, logits.shape[-1])
+    if k == logits.shape[-1] and bool((top_p >= 1).all()):
+        top_logits, top_ids = logits.float(), None                  # nothing cut: no sort needed
+    else:
+        top_logits, top_ids = logits.float().topk(k, dim=-1)        # (batch, k), sorted
     probs = torch.softmax(top_logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    outside_p = probs.cumsum(-1) - probs > top_p[:, None]       # keep the smallest set reaching top_p
-    probs = probs.masked_fill(outside_p, 0.0).cpu()
+    if top_ids is not None:
+        outside_p = probs.cumsum(-1) - probs > top_p[:, None]       # keep the smallest set reaching top_p
+        probs = probs.masked_fill(outside_p, 0.0)
+    probs = probs.cpu()
     picks = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in range(len(generators))]
     choice = torch.cat(picks).to(logits.device)
-    choice = torch.where(greedy.to(logits.device), torch.zeros_like(choice), choice)
+    if top_ids is None:
+        return torch.where(greedy, logits.argmax(-1), choice)
+    choice = torch.where(greedy, torch.zeros_like(choice), choice)
     return top_ids.gather(1, choice[:, None]).squeeze(1)
 
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], *, max_new_tokens: list[int], temperature: list[float],
            top_p: list[float], seeds: list[int], eos_id: int, pad_id: int, ignore_eos: list[bool] | None = None,
-           on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[list[list[int]], list[bool]]:
+           top_k: int = TOP_K, on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample answers for a batch of prompts; returns (token ids per row, ended_with_eos per row).
 
     Each row stops at EOS or at its own `max_new_tokens`; `on_step(tokens, active)` sees every step.
@@ -70,7 +81,7 @@ def decode(model, prompts: list[list[int]], *, max_new_tokens: list[int], temper
     for step in range(int(limits.max())):
         if no_eos.any():
             logits[no_eos, eos_id] = float("-inf")
-        tokens = sample_tokens(logits, temps, top_ps, generators)
+        tokens = sample_tokens(logits, temps, top_ps, generators, top_k)
         tokens = torch.where(active, tokens, torch.full_like(tokens, pad_id))
         if on_step is not None:
             on_step(tokens, active)

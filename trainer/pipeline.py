@@ -108,7 +108,8 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
         ptx = lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)  # noqa: E731
     t0 = time.perf_counter()
     ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_model.score, config.ppo,
-                            progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id)
+                            progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id,
+                            max_context_tokens=config.model.max_context_tokens)
     timings["time/ppo_s"] = time.perf_counter() - t0
     metrics.update(ppo_metrics)
 

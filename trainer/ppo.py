@@ -160,12 +160,15 @@ def save_policy(policy, value_head: ValueHead, folder: str | Path) -> Path:
     return folder
 
 
-def load_value_head(folder: str | Path, hidden_size: int, device="cpu") -> ValueHead:
-    """The value head saved beside an adapter by `save_policy` (FileNotFoundError if there is none)."""
+def load_value_head(folder: str | Path, hidden_size: int, device="cpu") -> ValueHead | None:
+    """The value head saved beside an adapter by `save_policy`; None when the folder has none (e.g. an SFT adapter)."""
     from safetensors.torch import load_file
 
+    path = Path(folder) / VALUE_HEAD_FILE
+    if not path.exists():
+        return None
     value_head = ValueHead(hidden_size)
-    value_head.load_state_dict(load_file(str(Path(folder) / VALUE_HEAD_FILE)))
+    value_head.load_state_dict(load_file(str(path)))
     return value_head.to(device)
 
 
@@ -176,9 +179,11 @@ def forward_logprobs_values(policy, value_head: ValueHead | None, query_response
     Rows are left-padded prompts of width `context_length` followed by right-padded responses.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)    # left padding must not shift positions
+    resp_len = query_response_ids.shape[1] - context_length
     out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 output_hidden_states=value_head is not None, use_cache=False)
-    logits = out.logits[:, context_length - 1:-1] / temperature    # (batch, resp_len, vocab); position t predicts t+1
+                 output_hidden_states=value_head is not None, use_cache=False,
+                 logits_to_keep=resp_len + 1)                      # no logits over the prompt: the vocab is large
+    logits = out.logits[:, :-1] / temperature                      # (batch, resp_len, vocab); position t predicts t+1
     logprobs = logprobs_from_logits(logits, query_response_ids[:, context_length:])
     if value_head is None:
         return logprobs, None
@@ -198,7 +203,8 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     answers, ended = decode(policy, prompts, max_new_tokens=[cfg.response_length] * batch,
                             temperature=[cfg.temperature] * batch, top_p=[1.0] * batch,
-                            seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id)
+                            seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id,
+                            top_k=cfg.top_k)              # 0: the whole vocabulary, as the logprobs below assume
     responses = [a + [eos_id] if e else a for a, e in zip(answers, ended)]  # EOS is an action: it gets trained too
     response_lengths = torch.tensor([len(r) for r in responses], device=device)  # (batch,)
     resp_len = int(response_lengths.max())
@@ -242,7 +248,7 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
 
 # -- the update ----------------------------------------------------------------------------------
 def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, exp: dict, cfg: PPOConfig,
-             generator: torch.Generator | None = None, ptx_stream=None) -> dict:
+             generator: torch.Generator | None = None, ptx_loss: Callable[[], Tensor] | None = None) -> dict:
     """Epochs of shuffled minibatches over one experience batch; returns the mean losses and diagnostics."""
     params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
     batch_size, ctx = len(exp["query_response"]), exp["context_length"]
@@ -262,11 +268,10 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
             vf_loss, vf_clipfrac = value_loss(new_values, exp["values"][mb], exp["returns"][mb], mb_mask,
                                               cfg.clip_range_value)
             loss = pg_loss + cfg.value_coef * vf_loss
-            if ptx_stream is not None and cfg.ptx_coef > 0:     # PPO-ptx: keep the demonstrations likely [InstructGPT]
-                ptx = {k: v.to(new_logprobs.device) for k, v in next(ptx_stream).items()}
-                ptx_loss = policy(**ptx, use_cache=False).loss
-                loss = loss + cfg.ptx_coef * ptx_loss
-                stats["ptx_loss"].append(ptx_loss.item())
+            if ptx_loss is not None and cfg.ptx_coef > 0:       # PPO-ptx: keep the demonstrations likely [InstructGPT]
+                mb_ptx_loss = ptx_loss()
+                loss = loss + cfg.ptx_coef * mb_ptx_loss
+                stats["ptx_loss"].append(mb_ptx_loss.item())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global grad-norm clipping [37 details]
@@ -285,14 +290,18 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
 
 def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[list[dict]],
               reward_fn: Callable[[list[list[dict]], list[str]], Tensor], cfg: PPOConfig,
-              progress: Callable[[dict], None] | None = None, ptx_batches: list[dict] | None = None,
+              progress: Callable[[dict], None] | None = None,
+              ptx_batches: tuple[list[dict], Callable[[list[dict]], Tensor]] | None = None,
               *, seed: int = 0, max_context_tokens: int = 2048) -> dict:
     """Run cfg.iterations PPO iterations on the prompts; returns the last iteration's metrics plus time totals.
 
     Args:
         reward_fn: (prompt messages per row, answer texts) -> scores (batch,), higher is better.
-        ptx_batches: HF causal-LM batches (input_ids, attention_mask, labels), cycled when cfg.ptx_coef > 0.
+        ptx_batches: (demonstrations, loss_fn) for PPO-ptx: each minibatch adds cfg.ptx_coef · loss_fn(a shuffled
+            slice of minibatch_size demonstrations), e.g. trainer.sft.sft_loss. Used when cfg.ptx_coef > 0.
     """
+    if not prompts_messages or cfg.temperature <= 0:
+        raise ValueError("PPO needs at least one prompt and a sampling temperature > 0")
     device = next(policy.parameters()).device
     value_head.to(device)
     policy.eval()                                               # dropout off for rollouts and losses alike
@@ -302,7 +311,12 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)   # LoRA and value head only
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     score_stats = RunningMoments()
-    ptx_stream = itertools.cycle(ptx_batches) if ptx_batches else None
+    ptx_loss = None
+    if ptx_batches is not None and ptx_batches[0]:             # PPO-ptx: demonstrations in shuffled slices, cycled
+        demos, demo_loss_fn = ptx_batches
+        demos = rng.sample(demos, len(demos))
+        slices = itertools.cycle([demos[i:i + cfg.minibatch_size] for i in range(0, len(demos), cfg.minibatch_size)])
+        ptx_loss = lambda: demo_loss_fn(next(slices))           # noqa: E731
     metrics: dict = {"time/rollout_s": 0.0, "time/update_s": 0.0}
     for iteration in range(cfg.iterations):
         # 1. rollout: pick prompts, answer each samples_per_prompt times, score the answers
@@ -312,13 +326,13 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             rng.choices(range(len(prompt_ids)), k=cfg.rollout_prompts)
         rows = [i for i in picks for _ in range(cfg.samples_per_prompt)]
         batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
-        raw_scores = reward_fn([prompts_messages[i] for i in rows], batch["texts"]).detach().float()   # (batch,)
+        raw_scores = torch.as_tensor(reward_fn([prompts_messages[i] for i in rows], batch["texts"])).detach().float()
         # 2. experience: old and reference logprobs, values, rewards, advantages
         exp = make_experience(policy, value_head, batch, raw_scores, cfg, score_stats)
         rollout_s = time.perf_counter() - started
         # 3. update: epochs of clipped PPO on shuffled minibatches
         started = time.perf_counter()
-        update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_stream)
+        update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_loss)
         update_s = time.perf_counter() - started
         metrics["time/rollout_s"] += rollout_s
         metrics["time/update_s"] += update_s
@@ -342,19 +356,3 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
                                                  "ppo/approx_kl", "ppo/clipfrac")}})
     return metrics
 
-
-def demonstration_batch(tokenizer, examples: list[tuple[list[dict], str]], max_tokens: int) -> dict:
-    """An HF causal-LM batch for PPO-ptx: prompt tokens masked (-100), answer + EOS as labels, right-padded."""
-    rows = []
-    for messages, answer in examples:
-        prompt, _ = encode_prompt(tokenizer, messages, max_tokens // 2)
-        target = tokenizer.encode(answer, add_special_tokens=False)[:max_tokens - len(prompt) - 1] + [tokenizer.eos_token_id]
-        rows.append((prompt + target, [-100] * len(prompt) + target))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)   # pad == eos: the label mask comes from lengths
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (ids, target) in enumerate(rows):
-        input_ids[row, :len(ids)], labels[row, :len(ids)] = torch.tensor(ids), torch.tensor(target)
-        attention_mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,250 @@
+"""PPO: hand-computed numbers for each tensor function, fast paths against slow ones, and learning on the tiny model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chat_app.config import load_config
+from chat_app.engine import left_pad
+from trainer import ppo
+from trainer.ppo import (RunningMoments, ValueHead, compute_rewards, forward_logprobs_values,
+                         gae, load_value_head, logprobs_from_logits, make_policy, masked_whiten, policy_loss,
+                         response_mask, rollout, save_policy, train_ppo, value_loss)
+
+TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+PROMPTS = [[{"role": "user", "content": f"Question {i}: tell me about {topic}."}]
+           for i, topic in enumerate(["cats", "dogs", "rain", "math", "music", "tea", "code", "the sun",
+                                      "the sky", "bread", "chess", "rivers"])]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two threads on a shared 2-core machine thrash: the tiny model runs 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def tiny_model(cfg, tokenizer):
+    from chat_app.model import load_model
+
+    return load_model(cfg.model, tokenizer)   # seeded: the same weights every call
+
+
+# -- pure tensor functions on hand-computed numbers --------------------------------------------------
+def test_response_mask_from_lengths_keeps_a_final_eos_equal_to_pad():
+    tokens = torch.tensor([[5, 6, 2, 2], [7, 2, 2, 2]])          # row 0 ends with EOS (2), then pad (2)
+    mask = response_mask(torch.tensor([3, 1]), 4)
+    assert mask.tolist() == [[True, True, True, False], [True, False, False, False]]
+    assert tokens[0][mask[0]].tolist() == [5, 6, 2]             # the EOS is trained, the pad after it is not
+
+
+def test_rollout_appends_eos_and_counts_it(monkeypatch):
+    def fake_decode(model, prompts, **kwargs):
+        return [[5, 6], [7, 8, 9]], [True, False]               # answers come back without their EOS
+
+    monkeypatch.setattr(ppo, "decode", fake_decode)
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=2, decode=lambda ids, **_: " ".join(map(str, ids)))
+    cfg = tiny_cfg("ppo.response_length=3").ppo
+    batch = rollout(torch.nn.Linear(1, 1), tokenizer, [[10, 11, 12], [13]], cfg, seed=0)
+    assert batch["context_length"] == 3
+    assert batch["query_response"].tolist() == [[10, 11, 12, 5, 6, 2], [2, 2, 13, 7, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+    assert batch["response_lengths"].tolist() == [3, 3]
+    assert batch["ended_with_eos"].tolist() == [True, False]
+    assert batch["texts"] == ["5 6", "7 8 9"]
+
+
+def test_logprobs_from_logits_is_log_softmax():
+    logits, tokens = torch.randn(2, 3, 7), torch.tensor([[0, 6, 3], [1, 1, 2]])
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.allclose(logprobs_from_logits(logits, tokens), expected, atol=1e-6)
+
+
+def test_masked_whiten_uses_only_real_tokens():
+    values, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[True, True, True, False]])
+    s = 1 / math.sqrt(2 / 3)                                    # mean 2, population variance 2/3
+    assert torch.allclose(masked_whiten(values, mask), torch.tensor([[-s, 0.0, s, 0.0]]), atol=1e-4)
+    assert torch.allclose(masked_whiten(values, mask, shift_mean=False), torch.tensor([[2 - s, 2.0, 2 + s, 0.0]]),
+                          atol=1e-4)
+
+
+def test_kl_penalty_and_score_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -5.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, -1.0]])
+    lengths = torch.tensor([3, 1])
+    rewards, kl = compute_rewards(torch.tensor([1.0, -2.0]), logprobs, ref_logprobs, response_mask(lengths, 3),
+                                  lengths, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))      # padding carries no KL
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 0.1 + 1.0], [-0.1 - 2.0, 0.0, 0.0]]))
+
+
+def test_gae_by_hand():
+    # γ = 1, λ = 0.95. Row 0: δ = (-0.3, -0.1, 0.9); A2 = 0.9, A1 = -0.1 + 0.95·0.9 = 0.755,
+    # A0 = -0.3 + 0.95·0.755 = 0.41725. Row 1 ends after 2 tokens: its value 9 at t=2 is padding.
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1], [0.5, 0.2, 9.0]])
+    mask = response_mask(torch.tensor([3, 2]), 3)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert torch.allclose(advantages, torch.tensor([[0.41725, 0.755, 0.9], [0.46, 0.8, 0.0]]), atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[0.91725, 0.955, 1.0], [0.96, 1.0, 0.0]]), atol=1e-6)
+
+
+def test_vectorised_gae_equals_a_loop_per_row():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(5, 7), torch.randn(5, 7)
+    lengths = torch.tensor([7, 1, 4, 6, 2])
+    advantages, returns = gae(rewards, values, response_mask(lengths, 7), gamma=0.9, lam=0.8)
+    for row, n in enumerate(lengths.tolist()):
+        running = 0.0
+        for t in reversed(range(n)):                            # the textbook loop over one episode
+            next_value = values[row, t + 1].item() if t + 1 < n else 0.0
+            running = rewards[row, t].item() + 0.9 * next_value - values[row, t].item() + 0.9 * 0.8 * running
+            assert advantages[row, t].item() == pytest.approx(running, abs=1e-5)
+            assert returns[row, t].item() == pytest.approx(running + values[row, t].item(), abs=1e-5)
+        assert advantages[row, n:].abs().sum() == 0
+
+
+def test_clipped_policy_loss_by_hand():
+    # ratios 1.5, 0.5, 1.1, 0.5 with advantages +1, -1, +2, +1 and clip 0.2; the 5th token is padding.
+    new_logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.5, 50.0]])).requires_grad_()
+    old_logprobs, advantages = torch.zeros(1, 5), torch.tensor([[1.0, -1.0, 2.0, 1.0, 1.0]])
+    mask = response_mask(torch.tensor([4]), 5)
+    loss, clipfrac, approx_kl = policy_loss(new_logprobs, old_logprobs, advantages, mask, clip_range=0.2)
+    # per token max(-A·r, -A·clip(r)): -1.2 (clipped), 0.8 (clipped), -2.2, -0.5 (pessimistic: unclipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2 - 0.5) / 4)
+    assert clipfrac.item() == pytest.approx(0.5)
+    kl_terms = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1, 0.5)]
+    assert approx_kl.item() == pytest.approx(sum(kl_terms) / 4, rel=1e-5)
+    loss.backward()                                             # a clipped token gets no gradient
+    assert torch.allclose(new_logprobs.grad, torch.tensor([[0.0, 0.0, -2 * 1.1 / 4, -0.5 / 4, 0.0]]), atol=1e-6)
+
+
+def test_clipped_value_loss_by_hand():
+    old_values, returns = torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    new_values = torch.tensor([[1.0, -0.1, 1.5, 30.0]])           # the last token is padding
+    loss, vf_clipfrac = value_loss(new_values, old_values, returns, response_mask(torch.tensor([3]), 4), 0.2)
+    # token 0: clipped to 0.2, (0.2-1)² = 0.64 > 0 bites; token 1: 1.21 either way; token 2: 2.25 > 1.44
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 2.25) / 3)
+    assert vf_clipfrac.item() == pytest.approx(1 / 3)
+
+
+def test_running_moments_match_all_scores_at_once():
+    stats, scores = RunningMoments(), torch.tensor([1.0, 2.0, 4.0, -3.0, 0.5, 7.0, 2.0])
+    stats.update(scores[:3])
+    stats.update(scores[3:])
+    assert stats.mean == pytest.approx(scores.mean().item())
+    assert stats.std == pytest.approx(scores.std(unbiased=False).item())
+
+
+# -- the model side on the tiny model ---------------------------------------------------------------
+def nudged_policy(cfg, tokenizer):
+    """A LoRA policy whose adapter is not zero, and a non-zero value head."""
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    value_head = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(value_head.linear.weight)
+    return policy, value_head
+
+
+def test_padded_batch_equals_one_by_one_and_reference_is_the_base(tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    base = tiny_model(cfg, tokenizer)
+    prompts = [[1, 9, 15, 23, 4], [1, 30], [1, 40, 41, 42]]
+    responses = [[100, 101, 2], [200, 201, 202, 203, 204], [300]]  # row 0 ends with EOS == pad
+    query, query_mask = left_pad(prompts, 2, "cpu")
+    lengths = torch.tensor([len(r) for r in responses])
+    response_ids = torch.full((3, 5), 2)
+    for row, r in enumerate(responses):
+        response_ids[row, :len(r)] = torch.tensor(r)
+    mask = response_mask(lengths, 5)
+    ids, attention = torch.cat([query, response_ids], 1), torch.cat([query_mask, mask.long()], 1)
+    with torch.no_grad():
+        base_logprobs, _ = forward_logprobs_values(base, None, ids, attention, 5)
+        policy, value_head = nudged_policy(cfg, tokenizer)
+        logprobs, values = forward_logprobs_values(policy, value_head, ids, attention, 5)
+        with policy.disable_adapter():
+            ref_logprobs, _ = forward_logprobs_values(policy, None, ids, attention, 5)
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            alone = torch.tensor([prompt + response])
+            one_logprobs, one_values = forward_logprobs_values(policy, value_head, alone, torch.ones_like(alone),
+                                                               len(prompt))
+            assert torch.allclose(logprobs[row, :len(response)], one_logprobs[0], atol=1e-4)
+            assert torch.allclose(values[row, :len(response)], one_values[0], atol=1e-4)
+    assert torch.allclose(ref_logprobs[mask], base_logprobs[mask], atol=1e-5)     # disabled adapter = the base
+    assert (logprobs - ref_logprobs)[mask].abs().max() > 1e-3                      # and the adapter does act
+
+
+def test_save_and_warm_start(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    policy, value_head = nudged_policy(cfg, tokenizer)
+    ids = torch.tensor([[1, 9, 15, 23, 4, 100, 101]])
+    folder = save_policy(policy, value_head, tmp_path / "v1")
+    assert (folder / "adapter_config.json").exists() and (folder / "value_head.safetensors").exists()
+    again = make_policy(tiny_model(cfg, tokenizer), cfg.lora, init_adapter=str(folder))
+    head_again = load_value_head(folder, again.config.hidden_size)
+    assert any(p.requires_grad for p in again.parameters())                       # trainable, not frozen
+    with torch.no_grad():
+        before = forward_logprobs_values(policy, value_head, ids, torch.ones_like(ids), 5)
+        after = forward_logprobs_values(again, head_again, ids, torch.ones_like(ids), 5)
+    assert torch.allclose(before[0], after[0], atol=1e-5) and torch.allclose(before[1], after[1], atol=1e-5)
+    assert load_value_head(tmp_path, again.config.hidden_size) is None                # no head saved there
+
+
+def test_ptx_and_early_stop_run(tokenizer):
+    from trainer.sft import sft_loss
+
+    cfg = tiny_cfg("ppo.iterations=1", "ppo.epochs=3", "ppo.target_kl=0", "ppo.ptx_coef=0.5")
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    no_reward = lambda messages, texts: torch.zeros(len(texts))                     # noqa: E731
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, no_reward, cfg.ppo)
+    assert metrics["ppo/epochs"] == 3 and "ppo/ptx_loss" not in metrics              # target_kl 0: no early stop
+    cfg.ppo.target_kl = 1e-9
+    demos = [{"prompt_messages": PROMPTS[0], "answer": "Cats purr."},
+             {"prompt_messages": PROMPTS[1], "answer": "Dogs bark loudly."}]
+    ptx = (demos, lambda batch: sft_loss(policy, tokenizer, batch, 256))             # as trainer/pipeline.py passes it
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, no_reward, cfg.ppo,
+                        ptx_batches=ptx)
+    assert metrics["ppo/epochs"] == 1                                               # approx KL > target after epoch 1
+    assert math.isfinite(metrics["ppo/ptx_loss"]) and metrics["ppo/ptx_loss"] > 0
+
+
+def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer):
+    # Reward: the share of the answer's characters that are spaces. At T=1 the tiny random model cannot learn
+    # anything sharp: its tied 0.02-std embeddings under a unit RMSNorm give logits within about ±1.3, so every
+    # answer is near-uniform over the top 50 tokens whatever LoRA does. At T=0.3 its distributions are peaked
+    # like a real LM's and LoRA can move them. Rollouts use top-50 here (ppo.top_k): over the full 49k vocabulary
+    # those flat logits spread a random model's mass too thin to learn from in 15 iterations.
+    cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
+                   "ppo.epochs=2", "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
+                   "ppo.target_kl=0")
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    history = []
+
+    def space_share(messages, texts):
+        return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
+
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
+                        progress=history.append, seed=0)
+    assert [h["step"] for h in history] == list(range(1, 16)) and history[0]["stage"] == "ppo"
+    for key in ("objective/score", "objective/kl", "objective/length", "ppo/approx_kl", "ppo/clipfrac",
+                "ppo/value_loss", "objective/eos_rate", "time/rollout_s", "time/update_s"):
+        assert math.isfinite(metrics[key]), key
+    scores = [h["objective/score"] for h in history]
+    start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert end > start + 0.15, scores                            # seen: about 0.14 -> 0.45 and up
+    assert 0.5 < metrics["objective/kl"] < 40                    # it moved, but stayed near the base
