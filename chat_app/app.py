@@ -46,6 +46,15 @@ def serving_threads(config: Config, training: bool) -> int:
     return max(1, cores - config.schedule.trainer_threads) if training else cores
 
 
+def engine_weights(config: Config) -> str:
+    """int8 serving is a CPU path; on CUDA the model serves as loaded (bf16, or 4-bit through bitsandbytes)."""
+    if config.serve.weights == "int8" and (config.model.quantization != "none" or torch.cuda.is_available()
+                                           and config.model.device != "cpu"):
+        log.warning("serve.weights=int8 is for CPU serving; serving the model as loaded")
+        return "model"
+    return config.serve.weights
+
+
 def build_app(config: Config, with_scheduler: bool = True) -> App:
     """Open the store, load the model, start the engine on the version the store says is serving."""
     torch.set_num_threads(serving_threads(config, training=False))
@@ -54,7 +63,7 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
     model = load_model(config.model, tokenizer)
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=config.serve.max_batch_requests,
-                              kept_adapters=config.serve.kept_adapters).start()
+                              kept_adapters=config.serve.kept_adapters, weights=engine_weights(config)).start()
     serving = store.serving_version()
     if serving is not None:
         try:

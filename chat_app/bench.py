@@ -65,6 +65,27 @@ def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int
             "first_token_ms": statistics.median(r.first_token_ms for r in results)}
 
 
+@torch.no_grad()
+def int8_quality(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
+    """How much int8 serving changes the model: per-token KL(fp32 || int8) and argmax agreement on sampled answers."""
+    from chat_app.engine import decode, int8_copy, left_pad
+
+    quantized = int8_copy(model)
+    prompts = [encode_prompt(tokenizer, ask(q), 512)[0] for q in questions]
+    answers, _ = decode(model, prompts, max_new_tokens=[new_tokens] * len(prompts), temperature=[0.7] * len(prompts),
+                        top_p=[0.9] * len(prompts), seeds=list(range(len(prompts))), eos_id=tokenizer.eos_token_id,
+                        pad_id=tokenizer.pad_token_id)
+    kls, agree, total = [], 0, 0
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([prompt + answer])
+        full = torch.log_softmax(model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        low = torch.log_softmax(quantized(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        kls.append((full.exp() * (full - low)).sum(-1))
+        agree += int((full.argmax(-1) == low.argmax(-1)).sum())
+        total += len(answer)
+    return {"kl_per_token": float(torch.cat(kls).mean()), "argmax_agreement": agree / max(total, 1)}
+
+
 def random_adapter(model_cfg, tokenizer, lora_cfg, folder: Path) -> Path:
     """A LoRA adapter of the configured shape with random (non-zero) weights: the cost of serving one."""
     from peft import LoraConfig, get_peft_model
@@ -154,8 +175,25 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     device = next(model.parameters()).device
     results["device"] = str(device)
     say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
+    from chat_app.app import engine_weights
+
+    weights = engine_weights(config)
+    results["engine_weights"] = weights
+    if weights == "int8":   # the same decode loop on the loaded weights, to separate the two gains
+        full = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens).start()
+        engine_pairs(full, QUESTIONS[:1], 4, together=True)
+        results["full_precision_engine"] = {"one_pair_ms_per_step": engine_pairs(full, QUESTIONS[:1], new_tokens,
+                                                                                 together=True)["ms_per_step"],
+                                            "eight_users_tokens_per_s": engine_pairs(full, QUESTIONS, new_tokens,
+                                                                                     together=True)["tokens_per_s"]}
+        full.stop()
+        results["int8_quality"] = int8_quality(model, tokenizer, QUESTIONS, new_tokens)
+        say(f"engine on full-precision weights: one pair {results['full_precision_engine']['one_pair_ms_per_step']:.1f}"
+            f" ms/step, 8 users {results['full_precision_engine']['eight_users_tokens_per_s']:.0f} tok/s; int8 vs "
+            f"full: KL {results['int8_quality']['kl_per_token']:.4f} nats/token, argmax agreement "
+            f"{results['int8_quality']['argmax_agreement']:.3f}")
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
-                              max_batch_requests=8).start()
+                              max_batch_requests=8, weights=weights).start()
     engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up
     plain_generate(model, tokenizer, QUESTIONS[:1], 4)
 
@@ -164,7 +202,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True)
     results["one_pair"] = {**one, "plain_generate_ms_per_step": one_plain["ms_per_step"],
                            "ratio_to_plain": one["ms_per_step"] / one_plain["ms_per_step"]}
-    say(f"one pair: {one['ms_per_step']:.1f} ms/step vs plain generate {one_plain['ms_per_step']:.1f} "
+    say(f"one pair ({weights} engine): {one['ms_per_step']:.1f} ms/step vs plain generate {one_plain['ms_per_step']:.1f} "
         f"({results['one_pair']['ratio_to_plain']:.2f}x), first token {one['first_token_ms']:.0f} ms")
     eight_plain = plain_generate(model, tokenizer, QUESTIONS, new_tokens)
     eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)

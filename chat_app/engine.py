@@ -152,16 +152,39 @@ class Swap:
     adapter_path: str | None
     """PEFT adapter folder, or None to serve the base model."""
     version: str
+    prepared: object | None = None
+    """A whole model built outside the engine thread (int8 serving); swapping it in is one assignment."""
     done: queue.Queue = field(default_factory=queue.Queue)
     """Receives ("ok", pause_ms) or ("error", message)."""
+
+
+def int8_copy(base_model, adapter_path: str | None = None):
+    """A copy of the base with the LoRA adapter merged in and every Linear dynamically quantized to int8 (CPU).
+
+    The linear layers are most of a CPU decode step; int8 weights cut them ~4x (DESIGN.md, Serving).
+    """
+    import copy
+
+    model = copy.deepcopy(base_model)
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model.eval()
 
 
 class GenerationEngine:
     """The only thread that touches the policy model. Submit requests; swaps apply between batches."""
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int, max_batch_requests: int = 8,
-                 kept_adapters: int = 3, version: str = "base"):
-        self.model = model
+                 kept_adapters: int = 3, version: str = "base", weights: str = "model"):
+        if weights not in ("model", "int8"):
+            raise ValueError(f"weights must be 'model' or 'int8', got {weights!r}")
+        self.weights = weights
+        self.base_model = model
+        """The full-precision base; int8 serving builds each version's merged copy from it."""
+        self.model = int8_copy(model) if weights == "int8" else model
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
         self.max_batch_requests = max_batch_requests
@@ -197,6 +220,11 @@ class GenerationEngine:
     def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
         swap = Swap(adapter_path, version)
+        if self.weights == "int8":     # build the merged int8 model here, so serving pauses only for the switch
+            try:
+                swap.prepared = int8_copy(self.base_model, adapter_path)
+            except Exception as error:
+                raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
         self.inbox.put(swap)
         status, value = swap.done.get(timeout=timeout)
         if status == "error":
@@ -232,7 +260,9 @@ class GenerationEngine:
     def _apply_swap(self, swap: Swap):
         started = time.perf_counter()
         try:
-            if swap.adapter_path is not None:
+            if swap.prepared is not None:
+                self.model = swap.prepared
+            elif swap.adapter_path is not None:
                 from peft import PeftModel
 
                 if swap.version not in self.loaded_adapters:
@@ -294,6 +324,7 @@ class GenerationEngine:
         first_token_at: dict[int, float] = {}
         tokens_so_far: list[list[int]] = [[] for _ in rows]
         text_so_far = [""] * len(rows)
+        offsets = [[0, 0] for _ in rows]       # (prefix, read): decode a short window, not the whole answer per step
         eos_id = tokenizer.eos_token_id
 
         def on_step(tokens: torch.Tensor, active: torch.Tensor):
@@ -302,11 +333,14 @@ class GenerationEngine:
                 if token == eos_id:
                     continue
                 tokens_so_far[row].append(token)
-                text = tokenizer.decode(tokens_so_far[row], skip_special_tokens=True)
-                if text.endswith("\ufffd"):      # half of a multi-byte character: wait for the rest
+                prefix, read = offsets[row]
+                seen = tokenizer.decode(tokens_so_far[row][prefix:read], skip_special_tokens=True)
+                text = tokenizer.decode(tokens_so_far[row][prefix:], skip_special_tokens=True)
+                if text.endswith("\ufffd") or len(text) <= len(seen):   # half a multi-byte character: wait
                     continue
-                delta = text[len(text_so_far[row]):]
-                text_so_far[row] = text
+                delta = text[len(seen):]
+                offsets[row] = [read, len(tokens_so_far[row])]
+                text_so_far[row] += delta
                 request, index = rows[row]
                 first_token_at.setdefault(id(request), time.perf_counter())
                 if delta:

@@ -42,6 +42,7 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
     prompts = load_prompts(prompts_file or config.schedule.seed_prompts)
     if server:
         return simulate_over_http(server, judge, prompts, votes, cycles, oracle, config)
+    from chat_app.app import engine_weights
     from chat_app.engine import GenerationEngine
     from chat_app.model import load_model, load_tokenizer
     from chat_app.store import Store
@@ -51,7 +52,8 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
     tokenizer = load_tokenizer(config.model)
     engine = GenerationEngine(load_model(config.model, tokenizer), tokenizer,
                               max_context_tokens=config.model.max_context_tokens,
-                              max_batch_requests=config.serve.max_batch_requests).start()
+                              max_batch_requests=config.serve.max_batch_requests,
+                              weights=engine_weights(config)).start()
     serving = store.serving_version()
     if serving:
         engine.swap(serving["adapter_path"], serving["id"])
