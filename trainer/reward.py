@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from chat_app.config import ModelConfig, RewardConfig
+from chat_app.engine import left_pad
 from chat_app.model import load_model
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -60,18 +61,6 @@ def split_by_prompt(pairs: list[dict], heldout_fraction: float, seed: int = 0) -
     train = [p for p in pairs if prompt_key(p["prompt_messages"]) not in heldout_keys]
     heldout = [p for p in pairs if prompt_key(p["prompt_messages"]) in heldout_keys]
     return train, heldout
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids, attention_mask, position_ids), each (batch, longest), left-padded; the mask comes from lengths."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
-    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def lora_config(reward_cfg: RewardConfig):
@@ -126,7 +115,8 @@ class RewardModel:
         # Pooling by hand, not through the HF head's forward: transformers 5's GenericForSequenceClassification
         # pools at "the rightmost token that is not pad_token_id", and with pad == eos (SmolLM2: id 2) that
         # skips our final EOS even under left padding. Left padding puts every last real token at position -1.
-        ids, mask, positions = left_pad(sequences, self.tokenizer.pad_token_id, self.device)
+        ids, mask = left_pad(sequences, self.tokenizer.pad_token_id, self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
         backbone = self.model.get_base_model()          # LoRA layers are injected in place: still active
         body = getattr(backbone, backbone.base_model_prefix)
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
