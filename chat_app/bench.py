@@ -68,7 +68,8 @@ def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int
 @torch.no_grad()
 def int8_quality(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
     """How much int8 serving changes the model: per-token KL(fp32 || int8) and argmax agreement on sampled answers."""
-    from chat_app.engine import decode, int8_copy, left_pad
+    from chat_app.decoding import decode, left_pad
+    from chat_app.engine import int8_copy
 
     quantized = int8_copy(model)
     prompts = [encode_prompt(tokenizer, ask(q), 512)[0] for q in questions]

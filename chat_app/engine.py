@@ -7,99 +7,15 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections import deque
+from typing import Iterator
 
 import torch
 
 from chat_app.chat import encode_prompt
+from chat_app.decoding import DecodeBatch, Row
 
 log = logging.getLogger(__name__)
-TOP_K = 50  # sample among the 50 likeliest tokens first: a full sort of a 49k vocabulary per step costs more
-
-
-# -- the decode loop (used by the engine and by PPO rollouts) ----------------------------------
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, longest prompt), left-padded."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  generators: list[torch.Generator], top_k: int = TOP_K) -> torch.Tensor:
-    """One token per row from logits (batch, vocab), each row with its own temperature, top-p and generator.
-
-    `top_k=0` samples from the whole vocabulary (PPO rollouts: their logprobs are over all of it).
-    """
-    greedy = temperature <= 0
-    k = logits.shape[-1] if top_k <= 0 else min(top_k, logits.shape[-1])
-    if k == logits.shape[-1] and bool((top_p >= 1).all()):
-        top_logits, top_ids = logits.float(), None                  # nothing cut: no sort needed
-    else:
-        top_logits, top_ids = logits.float().topk(k, dim=-1)        # (batch, k), sorted
-    probs = torch.softmax(top_logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    if top_ids is not None:
-        outside_p = probs.cumsum(-1) - probs > top_p[:, None]       # keep the smallest set reaching top_p
-        probs = probs.masked_fill(outside_p, 0.0)
-    probs = probs.cpu()
-    picks = [torch.multinomial(probs[row], 1, generator=generators[row]) for row in range(len(generators))]
-    choice = torch.cat(picks).to(logits.device)
-    if top_ids is None:
-        return torch.where(greedy, logits.argmax(-1), choice)
-    choice = torch.where(greedy, torch.zeros_like(choice), choice)
-    return top_ids.gather(1, choice[:, None]).squeeze(1)
-
-
-@torch.no_grad()
-def decode(model, prompts: list[list[int]], *, max_new_tokens: list[int], temperature: list[float],
-           top_p: list[float], seeds: list[int], eos_id: int, pad_id: int, ignore_eos: list[bool] | None = None,
-           top_k: int = TOP_K, on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> tuple[list[list[int]], list[bool]]:
-    """Sample answers for a batch of prompts; returns (token ids per row, ended_with_eos per row).
-
-    Each row stops at EOS or at its own `max_new_tokens`; `on_step(tokens, active)` sees every step.
-    Rows with `ignore_eos` never sample EOS (benchmarks use it to decode a fixed length).
-    """
-    device = next(model.parameters()).device
-    batch = len(prompts)
-    ids, mask = left_pad(prompts, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    temps = torch.tensor(temperature, dtype=torch.float32, device=device)
-    top_ps = torch.tensor(top_p, dtype=torch.float32, device=device)
-    limits = torch.tensor(max_new_tokens, device=device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    ended_with_eos = [False] * batch
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    position = positions[:, -1:]
-    no_eos = torch.tensor(ignore_eos or [False] * batch, device=device)
-    for step in range(int(limits.max())):
-        if no_eos.any():
-            logits[no_eos, eos_id] = float("-inf")
-        tokens = sample_tokens(logits, temps, top_ps, generators, top_k)
-        tokens = torch.where(active, tokens, torch.full_like(tokens, pad_id))
-        if on_step is not None:
-            on_step(tokens, active)
-        for row in active.nonzero().flatten().tolist():
-            token = int(tokens[row])
-            if token == eos_id:
-                ended_with_eos[row] = True
-            else:
-                answers[row].append(token)
-        active = active & (tokens != eos_id) & (limits > step + 1)
-        if not bool(active.any()):
-            break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        position = position + 1
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return answers, ended_with_eos
 
 
 # -- requests, events and the engine thread ----------------------------------------------------
@@ -129,6 +45,8 @@ class Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     """("token", index, text) ... then ("done", Result) or ("error", message)."""
     submitted_at: float = field(default_factory=time.perf_counter)
+    state: dict | None = None
+    """The engine's bookkeeping while the request is in flight."""
 
     def stream(self, timeout: float | None = 600) -> Iterator[tuple]:
         """Events until done or error."""
@@ -192,10 +110,12 @@ class GenerationEngine:
         self.version = version
         self.loaded_adapters: list[str] = []
         self.inbox: queue.Queue = queue.Queue()
+        self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.batches_run = 0
+        """Admissions: groups of waiting requests prefilled into the running batch together."""
         self.requests_served = 0
         self.threads: int | None = None
-        """Torch threads for the next batch (None: leave as is); lowered while a training run shares the cores."""
+        """Torch threads from the next admission on (None: as is); lowered while a training run shares the cores."""
         self.thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
         self._stopping = False
 
@@ -233,29 +153,119 @@ class GenerationEngine:
 
     # the engine thread
     def _loop(self):
-        while not self._stopping:
-            item = self.inbox.get()
-            if item is None:
-                break
-            pending = [item]
-            while len([p for p in pending if isinstance(p, Request)]) < self.max_batch_requests:
-                try:
-                    pending.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            # a swap splits the batch: what came before it is served by the old version
-            batch: list[Request] = []
-            for entry in pending:
-                if isinstance(entry, Request):
-                    batch.append(entry)
-                    continue
-                self._run_batch(batch)
-                batch = []
-                if entry is None:
-                    self._stopping = True
-                    break
-                self._apply_swap(entry)
-            self._run_batch(batch)
+        """Admit waiting requests between steps, step the batch, apply a swap once the batch has drained."""
+        waiting: deque = deque()
+        while True:
+            idle = not len(self.batch) and not waiting
+            try:
+                waiting.append(self.inbox.get(block=idle))
+                while True:
+                    waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            # requests ahead of a swap join the running batch; those behind it wait for the new version
+            admitted = []
+            room = self.max_batch_requests * 2 - len(self.batch)
+            while waiting and isinstance(waiting[0], Request) and waiting[0].n <= room:
+                room -= waiting[0].n
+                admitted.append(waiting.popleft())
+            if admitted:
+                self._admit(admitted)
+            if waiting and not isinstance(waiting[0], Request) and not len(self.batch):
+                item = waiting.popleft()
+                if item is None:
+                    return
+                self._apply_swap(item)
+                continue
+            if len(self.batch):
+                self._step()
+
+    def _admit(self, requests: list[Request]):
+        """Encode the prompts (cutting long histories) and prefill them into the running batch."""
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        prompts, rows = [], []
+        for request in requests:
+            room = self.max_context_tokens - request.max_new_tokens
+            ids, dropped = encode_prompt(self.tokenizer, request.messages, max(room, 16))
+            request.state = {"prompt_tokens": len(ids), "turns_dropped": dropped, "version": self.version,
+                             "rows": [None] * request.n, "pending": request.n, "first_token_at": None}
+            for index in range(request.n):
+                row = Row(key=(request, index), max_new_tokens=request.max_new_tokens,
+                          temperature=request.temperature, top_p=request.top_p,
+                          generator=torch.Generator().manual_seed(int(request.seeds[index])),
+                          ignore_eos=request.ignore_eos)
+                row.stream = {"prefix": 0, "read": 0, "text": ""}
+                request.state["rows"][index] = row
+                prompts.append(ids)
+                rows.append(row)
+        try:
+            with self._serving_context():
+                self.batch.add(prompts, rows)
+            self.batches_run += 1
+        except Exception as error:
+            log.exception("prefill failed")
+            for request in requests:
+                request.events.put(("error", f"generation failed: {error}"))
+
+    def _step(self):
+        try:
+            with self._serving_context():
+                emitted, ended = self.batch.step()
+        except Exception as error:   # fail what is in flight, keep the engine alive
+            log.exception("decode step failed")
+            failed = {id(row.key[0]): row.key[0] for row in self.batch.rows}
+            self.batch = DecodeBatch(self.batch.model, self.batch.eos_id, self.batch.pad_id)
+            for request in failed.values():
+                request.events.put(("error", f"generation failed: {error}"))
+            return
+        for row, token in emitted:
+            if token is not None:
+                self._stream(row)
+        for row in ended:
+            request, _ = row.key
+            request.state["pending"] -= 1
+            if request.state["pending"] == 0:
+                self._finish(request)
+
+    def _stream(self, row: Row):
+        """Send the new text of a row: decode a short window, not the whole answer, each step."""
+        request, index = row.key
+        stream = row.stream
+        seen = self.tokenizer.decode(row.tokens[stream["prefix"]:stream["read"]], skip_special_tokens=True)
+        text = self.tokenizer.decode(row.tokens[stream["prefix"]:], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(seen):     # half a multi-byte character: wait for the rest
+            return
+        delta = text[len(seen):]
+        stream["prefix"], stream["read"] = stream["read"], len(row.tokens)
+        stream["text"] += delta
+        if request.state["first_token_at"] is None:
+            request.state["first_token_at"] = time.perf_counter()
+        request.events.put(("token", index, delta))
+
+    def _finish(self, request: Request):
+        state = request.state
+        texts = []
+        for index, row in enumerate(state["rows"]):
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if text != row.stream["text"] and text.startswith(row.stream["text"]):   # what the stream held back
+                request.events.put(("token", index, text[len(row.stream["text"]):]))
+            texts.append(text)
+        done_at, first = time.perf_counter(), state["first_token_at"]
+        result = Result(texts=texts, ended_with_eos=[r.ended_with_eos for r in state["rows"]],
+                        version=state["version"], seeds=list(request.seeds), prompt_messages=request.messages,
+                        turns_dropped=state["turns_dropped"], prompt_tokens=state["prompt_tokens"],
+                        completion_tokens=[len(r.tokens) for r in state["rows"]],
+                        latency_ms=(done_at - request.submitted_at) * 1000,
+                        first_token_ms=(first - request.submitted_at) * 1000 if first else None)
+        self.requests_served += 1
+        request.events.put(("done", result))
+
+    def _serving_context(self):
+        """The base is served with the adapters switched off (they stay loaded for a quick switch back)."""
+        if self.version == "base" and self.loaded_adapters:
+            return self.model.disable_adapter()
+        return _nothing()
 
     def _apply_swap(self, swap: Swap):
         started = time.perf_counter()
@@ -276,6 +286,7 @@ class GenerationEngine:
                 self.model.eval()
             self.version = swap.version
             self._unload_old_adapters()
+            self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
             pause_ms = (time.perf_counter() - started) * 1000
             log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
             swap.done.put(("ok", pause_ms))
@@ -290,84 +301,6 @@ class GenerationEngine:
                 break
             self.model.delete_adapter(oldest)
             self.loaded_adapters.remove(oldest)
-
-    def _run_batch(self, batch: list[Request]):
-        if not batch:
-            return
-        if self.threads and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            self._generate(batch)
-        except Exception as error:
-            log.exception("generation failed")
-            for request in batch:
-                request.events.put(("error", f"generation failed: {error}"))
-
-    def _generate(self, batch: list[Request]):
-        tokenizer = self.tokenizer
-        rows: list[tuple[Request, int]] = []        # (request, answer index) per batch row
-        prompts, limits, temps, top_ps, seeds, no_eos = [], [], [], [], [], []
-        encoded = {}
-        for request in batch:
-            room = self.max_context_tokens - request.max_new_tokens
-            ids, dropped = encode_prompt(tokenizer, request.messages, max(room, 16))
-            encoded[id(request)] = (len(ids), dropped)
-            for index in range(request.n):
-                rows.append((request, index))
-                prompts.append(ids)
-                limits.append(request.max_new_tokens)
-                temps.append(request.temperature)
-                top_ps.append(request.top_p)
-                seeds.append(request.seeds[index])
-                no_eos.append(request.ignore_eos)
-        started = time.perf_counter()
-        first_token_at: dict[int, float] = {}
-        tokens_so_far: list[list[int]] = [[] for _ in rows]
-        text_so_far = [""] * len(rows)
-        offsets = [[0, 0] for _ in rows]       # (prefix, read): decode a short window, not the whole answer per step
-        eos_id = tokenizer.eos_token_id
-
-        def on_step(tokens: torch.Tensor, active: torch.Tensor):
-            for row in active.nonzero().flatten().tolist():
-                token = int(tokens[row])
-                if token == eos_id:
-                    continue
-                tokens_so_far[row].append(token)
-                prefix, read = offsets[row]
-                seen = tokenizer.decode(tokens_so_far[row][prefix:read], skip_special_tokens=True)
-                text = tokenizer.decode(tokens_so_far[row][prefix:], skip_special_tokens=True)
-                if text.endswith("\ufffd") or len(text) <= len(seen):   # half a multi-byte character: wait
-                    continue
-                delta = text[len(seen):]
-                offsets[row] = [read, len(tokens_so_far[row])]
-                text_so_far[row] += delta
-                request, index = rows[row]
-                first_token_at.setdefault(id(request), time.perf_counter())
-                if delta:
-                    request.events.put(("token", index, delta))
-
-        context = self.model.disable_adapter() if self.version == "base" and self.loaded_adapters else _nothing()
-        with context:
-            answers, ended = decode(self.model, prompts, max_new_tokens=limits, temperature=temps, top_p=top_ps,
-                                    seeds=seeds, eos_id=eos_id, pad_id=tokenizer.pad_token_id, ignore_eos=no_eos,
-                                    on_step=on_step)
-        done_at = time.perf_counter()
-        self.batches_run += 1
-        for request in batch:
-            mine = [row for row, (r, _) in enumerate(rows) if r is request]
-            texts = [tokenizer.decode(answers[row], skip_special_tokens=True) for row in mine]
-            for row, text in zip(mine, texts):          # flush what the stream held back
-                if text != text_so_far[row] and text.startswith(text_so_far[row]):
-                    request.events.put(("token", rows[row][1], text[len(text_so_far[row]):]))
-            prompt_tokens, dropped = encoded[id(request)]
-            first = first_token_at.get(id(request))
-            result = Result(texts=texts, ended_with_eos=[ended[row] for row in mine], version=self.version,
-                            seeds=list(request.seeds), prompt_messages=request.messages, turns_dropped=dropped,
-                            prompt_tokens=prompt_tokens, completion_tokens=[len(answers[row]) for row in mine],
-                            latency_ms=(done_at - request.submitted_at) * 1000,
-                            first_token_ms=(first - request.submitted_at) * 1000 if first else None)
-            self.requests_served += 1
-            request.events.put(("done", result))
 
 
 class _nothing:

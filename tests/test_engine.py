@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from chat_app.chat import encode_prompt
-from chat_app.engine import GenerationEngine, decode
+from chat_app.decoding import decode
+from chat_app.engine import GenerationEngine
 from chat_app.model import load_model
 
 
@@ -38,7 +39,7 @@ def test_waiting_requests_are_batched_and_each_gets_its_own_answers(tiny_config,
     engine.start()                                           # the four were waiting: one batch
     results = [r.result() for r in requests]
     engine.stop()
-    assert engine.batches_run == 1
+    assert engine.batches_run == 1                           # four requests, one prefill
     for i, result in enumerate(results):
         assert result.seeds == [i, i + 100] and len(result.texts) == 2
 
@@ -111,3 +112,16 @@ def test_int8_serving_stays_close_to_full_precision_and_swaps_merged_adapters(ti
         assert engine.version == "v1"
     finally:
         engine.stop()
+
+
+def test_a_new_request_joins_a_running_batch_and_gets_the_same_answer(engine):
+    """Continuous batching: a late request streams before the long one ends, and merging changes nothing."""
+    greedy = dict(n=1, temperature=0.0)
+    alone = engine.submit(ask("a late question"), max_new_tokens=6, **greedy).result().texts[0]
+    long = engine.submit(ask("a long answer"), max_new_tokens=60, ignore_eos=True, **greedy)
+    assert long.events.get(timeout=60)[0] == "token"             # the long one is decoding
+    late = engine.submit(ask("a late question"), max_new_tokens=6, **greedy)
+    late_result = late.result()
+    assert not any(event[0] == "done" for event in list(long.events.queue))   # joined, not queued behind it
+    assert late_result.texts[0] == alone
+    assert len(long.result().texts[0]) > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chat_app.config import load_config
-from chat_app.engine import left_pad
+from chat_app.decoding import left_pad
 from trainer import ppo
 from trainer.ppo import (RunningMoments, ValueHead, compute_rewards, forward_logprobs_values,
                          gae, load_value_head, logprobs_from_logits, make_policy, masked_whiten, policy_loss,

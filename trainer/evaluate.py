@@ -8,7 +8,7 @@ import random
 import torch
 
 from chat_app.chat import encode_prompt
-from chat_app.engine import decode, left_pad
+from chat_app.decoding import decode, left_pad
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from chat_app.chat import encode_prompt
 from chat_app.config import LoraConfig, PPOConfig
-from chat_app.engine import decode, left_pad
+from chat_app.decoding import decode, left_pad
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 

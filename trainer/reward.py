@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from chat_app.config import ModelConfig, RewardConfig
-from chat_app.engine import left_pad
+from chat_app.decoding import left_pad
 from chat_app.model import load_model
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
