@@ -77,7 +77,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     reward_model, rm_metrics = train_reward_model(
         config.model, config.reward, tokenizer, pairs,
         init_adapter=previous_rm if config.reward.warm_start and previous_rm and Path(previous_rm).exists() else None,
-        progress=progress, seed=run_id)
+        progress=progress, seed=0)  # a fixed seed keeps each prompt on its side of the split across runs
     timings["time/reward_s"] = time.perf_counter() - t0
     metrics.update(rm_metrics)
     if reward_model is None:

@@ -101,22 +101,44 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
         vote.raise_for_status()
         return body["model"], choice, (time.perf_counter() - started) * 1000
 
+    failures: list[str] = []
+
+    def safe_vote(i):
+        try:
+            return one_vote(i)
+        except Exception as error:  # counted and reported: the point is that none happen
+            failures.append(f"{type(error).__name__}: {error}")
+            return None
+
     for cycle in range(1, cycles + 1):
         before = client.get("/api/status").json()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            results = list(pool.map(one_vote, range(votes)))
+            results = [r for r in pool.map(safe_vote, range(votes)) if r]
         versions = sorted({r[0] for r in results})
-        latencies = sorted(r[2] for r in results)
-        print(json.dumps({"cycle": cycle, "votes": len(results), "served_by": versions,
+        latencies = sorted(r[2] for r in results) or [0]
+        print(json.dumps({"cycle": cycle, "votes": len(results), "failed": len(failures), "served_by": versions,
                           "median_request_ms": round(latencies[len(latencies) // 2]),
                           "time/votes_s": round(time.perf_counter() - t0, 1)}), flush=True)
-        deadline = time.time() + wait_s
-        while time.time() < deadline:   # the server's scheduler decides when to train; wait for it to finish
+        deadline, during = time.time() + wait_s, []
+        while time.time() < deadline:   # the server's scheduler decides when to train; keep chatting meanwhile
             status = client.get("/api/status").json()
             last, previous = status.get("last_run"), before.get("last_run")
             if last and (not previous or last["id"] > previous["id"]) and status["training"] is None:
                 break
-            time.sleep(5)
-        print(json.dumps({"cycle": cycle, "serving_version": status["serving_version"],
-                          "serving": status["serving"]}), flush=True)
+            reply = safe_vote(0)
+            if reply:
+                during.append(reply)
+            training = status["training"] or {}
+            progress = training.get("progress", {})
+            print(f"  {time.strftime('%H:%M:%S')} serving {status['serving_version']}, run "
+                  f"{training.get('run_id', '-')} {progress.get('stage', 'waiting')} {progress.get('step', '')}/"
+                  f"{progress.get('steps', '')}, request {round(reply[2]) if reply else 'FAILED'} ms", flush=True)
+            time.sleep(2)
+        during_ms = sorted(r[2] for r in during) or [0]
+        print(json.dumps({"cycle": cycle, "serving_version": status["serving_version"], "last_run": status["last_run"],
+                          "serving": status["serving"], "requests_while_training": len(during),
+                          "median_ms_while_training": round(during_ms[len(during_ms) // 2]),
+                          "failed": len(failures)}), flush=True)
+    if failures:
+        print("failures:", *failures[:10], sep="\n  ")
