@@ -8,7 +8,7 @@ import random
 import torch
 
 from chat_app.chat import encode_prompt
-from chat_app.decoding import decode, left_pad
+from chat_app.decoding import TOP_K, decode, left_pad
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
 
@@ -32,7 +32,8 @@ def using_adapter(policy, adapter: str | None):
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, seed: int = 0, max_prompt_tokens: int = 1024, batch_size: int = 16):
+                     top_p: float = 1.0, seed: int = 0, max_prompt_tokens: int = 1024, batch_size: int = 16,
+                     top_k: int = TOP_K):
     """Sampled answers: (texts, prompt ids, answer ids, ended_with_eos), one entry per prompt."""
     prompt_ids = [encode_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
     answers, ended = [], []
@@ -41,7 +42,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
         a, e = decode(model, chunk, max_new_tokens=[max_new_tokens] * len(chunk),
                       temperature=[temperature] * len(chunk), top_p=[top_p] * len(chunk),
                       seeds=[seed * 100003 + start + i for i in range(len(chunk))],
-                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                      eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, top_k=top_k)
         answers += a
         ended += e
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
@@ -50,8 +51,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
 
 @torch.no_grad()
 def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
-                    batch_size: int = 16) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each answer given its prompt; a list of (answer_len,) tensors."""
+                    batch_size: int = 16, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each answer given its prompt (logits / temperature); (answer_len,) each."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -67,25 +68,29 @@ def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[in
         ids, mask = torch.cat([ids, resp], 1), torch.cat([mask, resp_mask], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        logits = logits[:, context - 1:-1].float()                      # (batch, width, vocab): predicts resp
+        logits = logits[:, context - 1:-1].float() / temperature        # (batch, width, vocab): predicts resp
         logprobs = torch.log_softmax(logits, -1).gather(2, resp[:, :, None]).squeeze(2)
         out += [logprobs[row, :len(a)].cpu() for row, a in enumerate(answers)]
     return out
 
 
 def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], adapter: str | None, *,
-                 samples: int, max_new_tokens: int, seed: int, max_prompt_tokens: int = 1024) -> dict:
-    """Mean RM score, KL to the base (nats per answer), length and EOS rate of one version's sampled answers."""
+                 samples: int, max_new_tokens: int, seed: int, max_prompt_tokens: int = 1024,
+                 temperature: float = 0.7) -> dict:
+    """Mean RM score, KL to the base (nats per answer), length and EOS rate of one version's sampled answers.
+
+    Sampled as PPO samples (whole vocabulary, `temperature`), so the KL here is the KL that PPO penalised.
+    """
     repeated = [p for p in prompts for _ in range(samples)]
     with using_adapter(policy, adapter):
         texts, prompt_ids, answer_ids, ended = generate_answers(
-            policy, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed,
-            max_prompt_tokens=max_prompt_tokens)
+            policy, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
+            max_prompt_tokens=max_prompt_tokens, top_k=0)
         # the EOS token is part of the answer the policy chose: count its logprob too
         with_eos = [a + [tokenizer.eos_token_id] * e for a, e in zip(answer_ids, ended)]
-        logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id)
+        logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
     with using_adapter(policy, None):
-        ref_logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id)
+        ref_logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
     kl = [float((lp - ref).sum()) for lp, ref in zip(logprobs, ref_logprobs)]
     scores = reward_model.score(repeated, texts) if reward_model is not None else torch.zeros(len(texts))
     return {"score": float(scores.float().mean()), "scores": scores.float().tolist(), "kl": sum(kl) / len(kl),

@@ -119,7 +119,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     if parent != "base":
         policy.load_adapter(parent_path, adapter_name="serving")
     stats_args = dict(samples=config.gate.samples_per_prompt, max_new_tokens=config.ppo.response_length,
-                      seed=run_id, max_prompt_tokens=max_prompt)
+                      seed=run_id, max_prompt_tokens=max_prompt, temperature=config.ppo.temperature)
     candidate = policy_stats(policy, tokenizer, reward_model, gate_prompts, "default", **stats_args)
     progress({"stage": "gate", "step": 1, "steps": 2})
     incumbent = policy_stats(policy, tokenizer, reward_model, gate_prompts,

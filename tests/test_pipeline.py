@@ -1,0 +1,67 @@
+"""One retrain cycle on the tiny model through a real SQLite file: versions, runs, metrics, evaluate."""
+import json
+from pathlib import Path
+
+from trainer.data import as_messages, load_prompts, prompt_pool
+
+
+def add_votes(store, count: int):
+    prompts = load_prompts("trainer/seed_prompts.jsonl")
+    for i in range(count):
+        cid = store.create_comparison(prompt_messages=as_messages(prompts[i % len(prompts)]), sampling={},
+                                      source="simulated")
+        short, long = "Yes, indeed.", "Well, it depends on a great many things " * 3
+        store.complete_comparison(cid, answer_a=short if i % 2 else long, answer_b=long if i % 2 else short,
+                                  policy_version="base")
+        store.record_vote(cid, "a" if i % 2 else "b", "oracle")
+
+
+def test_too_few_votes_is_a_skipped_run_not_an_error(tiny_config):
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    add_votes(Store(tiny_config.serve.db_path), 3)
+    summary = retrain(tiny_config)
+    assert summary["status"] == "skipped" and "3 pairs, need 8" in summary["reason"]
+    run = Store(tiny_config.serve.db_path).runs()[0]
+    assert run["status"] == "skipped" and run["ended_at"]
+
+
+def test_a_cycle_registers_a_versioned_adapter_with_its_metrics(tiny_config):
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    store = Store(tiny_config.serve.db_path)
+    add_votes(store, 24)
+    summary = retrain(tiny_config)
+    assert summary["status"] in ("succeeded", "rejected"), summary
+    version = store.version(summary["version"])
+    assert version["parent"] == "base" and version["reason"] == summary["reason"]
+    assert version["status"] == ("serving" if summary["status"] == "succeeded" else "rejected")
+    for key in ("rm/accuracy", "objective/kl", "objective/score", "eval/reward_gain", "eval/win_rate",
+                "time/ppo_s", "data/pairs"):
+        assert key in version["metrics"], key
+    assert (Path(version["adapter_path"]) / "adapter_model.safetensors").exists()
+    assert (Path(version["adapter_path"]) / "value_head.safetensors").exists()
+    run = store.run(summary["run_id"])
+    assert run["candidate_version"] == summary["version"] and run["progress"]["stage"] == "gate"
+    assert json.dumps(summary)  # the CLI prints it
+
+
+def test_evaluate_counts_every_comparison(tiny_config, tmp_path):
+    from trainer.evaluate import evaluate_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first question\nsecond question\n\nthird question\n")
+    result = evaluate_cli(tiny_config, oracle="shorter", prompts_file=str(prompts), policy="base", against="base",
+                          samples=2)
+    assert result["wins"] + result["losses"] + result["ties"] == result["comparisons"] == 6
+    assert result["prompts"] == 3
+
+
+def test_prompt_pool_keeps_gate_prompts_out_of_training():
+    users = [as_messages(f"user prompt {i}") for i in range(10)]
+    train, gate = prompt_pool(users, ["seed a", "seed b", "user prompt 1"], gate_size=4, seed=3)
+    keys = {json.dumps(p) for p in train}
+    assert len(gate) == 3 and not keys & {json.dumps(p) for p in gate}
+    assert len(train) + len(gate) == 12                    # "user prompt 1" counted once
