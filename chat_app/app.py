@@ -47,10 +47,10 @@ def serving_threads(config: Config, training: bool) -> int:
 
 
 def engine_weights(config: Config) -> str:
-    """int8 serving is a CPU path; on CUDA the model serves as loaded (bf16, or 4-bit through bitsandbytes)."""
-    if config.serve.weights == "int8" and (config.model.quantization != "none" or torch.cuda.is_available()
+    """bf16 merged serving is a CPU path; on CUDA the model serves as loaded (bf16, or 4-bit through bitsandbytes)."""
+    if config.serve.weights == "bf16" and (config.model.quantization != "none" or torch.cuda.is_available()
                                            and config.model.device != "cpu"):
-        log.warning("serve.weights=int8 is for CPU serving; serving the model as loaded")
+        log.warning("serve.weights=bf16 is for CPU serving; serving the model as loaded")
         return "model"
     return config.serve.weights
 

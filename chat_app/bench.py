@@ -66,12 +66,12 @@ def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int
 
 
 @torch.no_grad()
-def int8_quality(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
-    """How much int8 serving changes the model: per-token KL(fp32 || int8) and argmax agreement on sampled answers."""
-    from chat_app.decoding import decode, left_pad
-    from chat_app.engine import int8_copy
+def precision_quality(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
+    """How much bf16 serving changes the model: per-token KL(full || bf16) and argmax agreement on sampled answers."""
+    from chat_app.decoding import decode
+    from chat_app.engine import merged_copy
 
-    quantized = int8_copy(model)
+    quantized = merged_copy(model)
     prompts = [encode_prompt(tokenizer, ask(q), 512)[0] for q in questions]
     answers, _ = decode(model, prompts, max_new_tokens=[new_tokens] * len(prompts), temperature=[0.7] * len(prompts),
                         top_p=[0.9] * len(prompts), seeds=list(range(len(prompts))), eos_id=tokenizer.eos_token_id,
@@ -180,7 +180,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
 
     weights = engine_weights(config)
     results["engine_weights"] = weights
-    if weights == "int8":   # the same decode loop on the loaded weights, to separate the two gains
+    if weights == "bf16":   # the same decode loop on the loaded weights, to separate the two gains
         full = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens).start()
         engine_pairs(full, QUESTIONS[:1], 4, together=True)
         results["full_precision_engine"] = {"one_pair_ms_per_step": engine_pairs(full, QUESTIONS[:1], new_tokens,
@@ -188,11 +188,11 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
                                             "eight_users_tokens_per_s": engine_pairs(full, QUESTIONS, new_tokens,
                                                                                      together=True)["tokens_per_s"]}
         full.stop()
-        results["int8_quality"] = int8_quality(model, tokenizer, QUESTIONS, new_tokens)
+        results["bf16_quality"] = precision_quality(model, tokenizer, QUESTIONS, new_tokens)
         say(f"engine on full-precision weights: one pair {results['full_precision_engine']['one_pair_ms_per_step']:.1f}"
-            f" ms/step, 8 users {results['full_precision_engine']['eight_users_tokens_per_s']:.0f} tok/s; int8 vs "
-            f"full: KL {results['int8_quality']['kl_per_token']:.4f} nats/token, argmax agreement "
-            f"{results['int8_quality']['argmax_agreement']:.3f}")
+            f" ms/step, 8 users {results['full_precision_engine']['eight_users_tokens_per_s']:.0f} tok/s; bf16 vs "
+            f"full: KL {results['bf16_quality']['kl_per_token']:.4f} nats/token, argmax agreement "
+            f"{results['bf16_quality']['argmax_agreement']:.3f}")
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=8, weights=weights).start()
     engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up

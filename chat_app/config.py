@@ -48,8 +48,8 @@ class ServeConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     weights: str = "model"
-    """`model` serves the loaded weights (LoRA applied unmerged); `int8` (CPU) serves an int8 copy with the
-    adapter merged in: ~2x faster decode, answers change slightly (`run.py bench` measures both)."""
+    """`model` serves the weights as loaded (LoRA applied unmerged); `bf16` (CPU) serves a bf16 copy with the
+    adapter merged in: a faster decode step, answers change slightly (`run.py bench` measures both)."""
     max_batch_requests: int = 8
     """How many waiting requests the engine batches into one `generate` call."""
     system_prompt: str = ""

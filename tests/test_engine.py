@@ -88,21 +88,27 @@ def test_a_bad_adapter_is_refused_and_serving_goes_on(engine, tmp_path):
     assert engine.submit(ask("still there?"), n=2, max_new_tokens=4).result().version == "base"
 
 
-def test_int8_serving_stays_close_to_full_precision_and_swaps_merged_adapters(tiny_config, tokenizer, tmp_path):
+def test_bf16_serving_stays_close_to_full_precision_and_swaps_merged_adapters(tiny_config, tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from chat_app.engine import int8_copy
+    from chat_app.engine import merged_copy
     model = load_model(tiny_config.model, tokenizer)
-    ids = torch.tensor([encode_prompt(tokenizer, ask("how close is int8?"), 100)[0]])
+    ids = torch.tensor([encode_prompt(tokenizer, ask("how close is bf16?"), 100)[0]])
     with torch.no_grad():
         full = torch.log_softmax(model(ids).logits[0, -1], -1)
-        quantized = torch.log_softmax(int8_copy(model)(ids).logits[0, -1], -1)
-    kl = float((full.exp() * (full - quantized)).sum())
+        low = torch.log_softmax(merged_copy(model)(ids).logits[0, -1].float(), -1)
+    kl = float((full.exp() * (full - low)).sum())
     assert kl < 0.01, kl                                      # the same next-token distribution, nearly
     adapter = get_peft_model(load_model(tiny_config.model, tokenizer),
                              LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "v1")
-    engine = GenerationEngine(model, tokenizer, max_context_tokens=256, weights="int8").start()
+    question = [{"role": "user", "content": "merged or not?"}]
+    with torch.no_grad():                                     # merging gives the same function as the adapter
+        unmerged = adapter(torch.tensor([encode_prompt(tokenizer, question, 100)[0]])).logits[0, -1]
+        merged = merged_copy(model, str(tmp_path / "v1"), torch.float32)(
+            torch.tensor([encode_prompt(tokenizer, question, 100)[0]])).logits[0, -1]
+    assert torch.allclose(unmerged, merged, atol=1e-4)
+    engine = GenerationEngine(model, tokenizer, max_context_tokens=256, weights="bf16").start()
     try:
         assert engine.submit(ask("hi"), n=2, max_new_tokens=4).result().version == "base"
         engine.swap(str(tmp_path / "v1"), "v1")
