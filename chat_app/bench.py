@@ -248,6 +248,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
             f"({split['split']['serving_threads']}+{split['split']['trainer_threads']} threads) vs "
             f"{split['default_threads']['one_pair_ms_per_step']:.0f} ms/step with default threads")
     engine.stop()
+    serving_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     # 4. training speed (in this process), then peak memory
     torch.set_num_threads(config.schedule.trainer_threads if device.type == "cpu" else torch.get_num_threads())
@@ -256,8 +257,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         f"{results['training']['ppo_iteration_s']:.1f} s (rollout {results['training']['ppo_rollout_s']:.1f} s, "
         f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
         f"{response_length} tokens")
-    results["peak_memory_mb"] = {"this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                 "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    results["peak_memory_mb"] = {"serving": serving_peak_mb,
+                                 "serving_then_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         results["peak_memory_mb"]["cuda"] = torch.cuda.max_memory_allocated() / 2**20
     say(f"peak memory: {results['peak_memory_mb']}")

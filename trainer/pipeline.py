@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 import traceback
 from pathlib import Path
@@ -135,6 +136,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
                     "eval/gate_prompts": len(gate_prompts), "eval/passed": passed})
     timings["time/total_s"] = time.perf_counter() - started
     metrics.update(timings)
+    metrics["memory/peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: kB
 
     # 7. save and register the version: candidate when it passed (the server promotes it), else rejected
     version = store.next_version_id()
