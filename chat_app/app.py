@@ -63,7 +63,9 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
     model = load_model(config.model, tokenizer)
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=config.serve.max_batch_requests,
-                              kept_adapters=config.serve.kept_adapters, weights=engine_weights(config)).start()
+                              kept_adapters=config.serve.kept_adapters, weights=engine_weights(config),
+                              merge_adapters=config.serve.merge_adapters and config.model.quantization == "none"
+                              ).start()
     serving = store.serving_version()
     if serving is not None:
         try:

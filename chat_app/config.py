@@ -50,6 +50,9 @@ class ServeConfig:
     weights: str = "model"
     """`model` serves the weights as loaded (LoRA applied unmerged); `bf16` (CPU) serves a bf16 copy with the
     adapter merged in: a faster decode step, answers change slightly (`run.py bench` measures both)."""
+    merge_adapters: bool = True
+    """Serve each version as a merged copy built outside the engine thread (a swap pauses serving ~0 ms; 2x the
+    weights in memory). Off: PEFT adapters load in place in the engine thread (needed for a 4-bit base)."""
     max_batch_requests: int = 8
     """How many waiting requests the engine batches into one `generate` call."""
     system_prompt: str = ""

@@ -76,12 +76,12 @@ class Swap:
     """Receives ("ok", pause_ms) or ("error", message)."""
 
 
-def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype = torch.bfloat16):
-    """A copy of the base with the LoRA adapter merged in, cast to `dtype`: what bf16 CPU serving runs.
+def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype | None = torch.bfloat16):
+    """A copy of the base with the LoRA adapter merged in (cast to `dtype` unless None): what a swap serves.
 
-    The linear layers are most of a CPU decode step; bf16 weights cut them (DESIGN.md, Serving), and a merged
-    adapter costs nothing per step. (Dynamic int8 was faster still but moved SmolLM2's next-token
-    distribution by 1.3-1.7 nats per token, so it is not offered.)
+    Built outside the engine thread, so a swap pauses serving for one assignment; a merged adapter costs nothing
+    per decode step (unmerged LoRA cost 1.1x on CPU, 2x on an H100: DESIGN.md, Serving). Dynamic int8 was tried
+    and dropped: it moved SmolLM2's next-token distribution by 1.3-1.7 nats per token.
     """
     import copy
 
@@ -90,19 +90,21 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
-    return model.to(dtype).eval()
+    return (model.to(dtype) if dtype is not None else model).eval()
 
 
 class GenerationEngine:
     """The only thread that touches the policy model. Submit requests; swaps apply between batches."""
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int, max_batch_requests: int = 8,
-                 kept_adapters: int = 3, version: str = "base", weights: str = "model"):
+                 kept_adapters: int = 3, version: str = "base", weights: str = "model", merge_adapters: bool = True):
         if weights not in ("model", "bf16"):
             raise ValueError(f"weights must be 'model' or 'bf16', got {weights!r}")
         self.weights = weights
+        self.merge_adapters = merge_adapters or weights == "bf16"
+        """Serve each version as a merged copy of the base (built off-thread); else load PEFT adapters in place."""
         self.base_model = model
-        """The base as loaded; bf16 serving builds each version's merged copy from it."""
+        """The base as loaded; each version's merged copy is built from it."""
         self.model = merged_copy(model) if weights == "bf16" else model
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
@@ -141,9 +143,11 @@ class GenerationEngine:
     def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
         swap = Swap(adapter_path, version)
-        if self.weights == "bf16":     # build the merged copy here, so serving pauses only for the switch
+        if self.merge_adapters:       # build the merged copy here, so serving pauses only for the switch
+            dtype = torch.bfloat16 if self.weights == "bf16" else None
             try:
-                swap.prepared = merged_copy(self.base_model, adapter_path)
+                swap.prepared = (self.base_model if adapter_path is None and dtype is None
+                                 else merged_copy(self.base_model, adapter_path, dtype))
             except Exception as error:
                 raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
         self.inbox.put(swap)

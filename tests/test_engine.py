@@ -7,10 +7,12 @@ from chat_app.engine import GenerationEngine
 from chat_app.model import load_model
 
 
-@pytest.fixture
-def engine(tiny_config, tokenizer):
+@pytest.fixture(params=[True, False], ids=["merged", "peft"])
+def engine(request, tiny_config, tokenizer):
+    """Both swap paths: a merged copy built off the engine thread, and PEFT adapters loaded in place."""
     model = load_model(tiny_config.model, tokenizer)
-    eng = GenerationEngine(model, tokenizer, max_context_tokens=256, max_batch_requests=8).start()
+    eng = GenerationEngine(model, tokenizer, max_context_tokens=256, max_batch_requests=8,
+                           merge_adapters=request.param).start()
     yield eng
     eng.stop()
 
