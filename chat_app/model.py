@@ -185,7 +185,14 @@ def load_model(cfg: ModelConfig, tokenizer, kind: str = "causal_lm"):
             kwargs["quantization_config"] = _quantization_config(cfg, dtype)
             kwargs["device_map"] = {"": device.index or 0}
         if kind == "reward":
-            model = AutoModelForSequenceClassification.from_pretrained(model_path(cfg), num_labels=1, **kwargs)
+            from transformers.utils import logging as hf_logging
+
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()   # the new scalar head is "MISSING" from the checkpoint by design
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(model_path(cfg), num_labels=1, **kwargs)
+            finally:
+                hf_logging.set_verbosity(verbosity)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
         if cfg.quantization == "none":
