@@ -8,9 +8,10 @@ import random
 import torch
 
 from chat_app.chat import encode_prompt
-from chat_app.decoding import TOP_K, decode, left_pad
+from chat_app.decoding import TOP_K, decode
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
+from trainer.ppo import forward_logprobs_values, pack_query_response
 
 
 @contextlib.contextmanager
@@ -56,20 +57,10 @@ def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[in
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompt_ids), batch_size):
-        prompts, answers = prompt_ids[start:start + batch_size], answer_ids[start:start + batch_size]
-        width = max(len(a) for a in answers) or 1
-        ids, mask = left_pad(prompts, pad_id, device)
-        context = ids.shape[1]
-        resp = torch.full((len(answers), width), pad_id, dtype=torch.long, device=device)
-        resp_mask = torch.zeros_like(resp)
-        for row, answer in enumerate(answers):
-            resp[row, :len(answer)] = torch.tensor(answer, dtype=torch.long)
-            resp_mask[row, :len(answer)] = 1
-        ids, mask = torch.cat([ids, resp], 1), torch.cat([mask, resp_mask], 1)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        logits = logits[:, context - 1:-1].float() / temperature        # (batch, width, vocab): predicts resp
-        logprobs = torch.log_softmax(logits, -1).gather(2, resp[:, :, None]).squeeze(2)
+        answers = answer_ids[start:start + batch_size]
+        batch = pack_query_response(prompt_ids[start:start + batch_size], answers, pad_id, device)
+        logprobs, _ = forward_logprobs_values(model, None, batch["query_response"], batch["attention_mask"],
+                                              batch["context_length"], temperature)   # the same path as PPO's
         out += [logprobs[row, :len(a)].cpu() for row, a in enumerate(answers)]
     return out
 

@@ -191,6 +191,21 @@ def forward_logprobs_values(policy, value_head: ValueHead | None, query_response
     return logprobs, values
 
 
+def pack_query_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
+    """Left-padded prompts followed by right-padded responses: query_response and attention_mask
+    (batch, context_length + resp_len), context_length, response_lengths (batch,)."""
+    response_lengths = torch.tensor([len(r) for r in responses], device=device)  # (batch,)
+    resp_len = int(response_lengths.max())
+    query, query_mask = left_pad(prompts, pad_id, device)         # (batch, context_length)
+    response_ids = torch.full((len(responses), resp_len), pad_id, dtype=torch.long)
+    for row, response in enumerate(responses):
+        response_ids[row, :len(response)] = torch.tensor(response, dtype=torch.long)
+    mask = response_mask(response_lengths, resp_len)              # (batch, resp_len); from lengths, pad == eos
+    return {"query_response": torch.cat([query, response_ids.to(device)], dim=1),
+            "attention_mask": torch.cat([query_mask, mask.long()], dim=1),
+            "context_length": query.shape[1], "response_lengths": response_lengths}
+
+
 # -- rollout and experience -----------------------------------------------------------------------
 @torch.no_grad()
 def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: int) -> dict:
@@ -206,16 +221,7 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
                             seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id,
                             top_k=cfg.top_k)              # 0: the whole vocabulary, as the logprobs below assume
     responses = [a + [eos_id] if e else a for a, e in zip(answers, ended)]  # EOS is an action: it gets trained too
-    response_lengths = torch.tensor([len(r) for r in responses], device=device)  # (batch,)
-    resp_len = int(response_lengths.max())
-    query, query_mask = left_pad(prompts, pad_id, device)         # (batch, context_length)
-    response_ids = torch.full((batch, resp_len), pad_id, dtype=torch.long)
-    for row, response in enumerate(responses):
-        response_ids[row, :len(response)] = torch.tensor(response, dtype=torch.long)
-    mask = response_mask(response_lengths, resp_len)              # (batch, resp_len)
-    return {"query_response": torch.cat([query, response_ids.to(device)], dim=1),
-            "attention_mask": torch.cat([query_mask, mask.long()], dim=1),
-            "context_length": query.shape[1], "response_lengths": response_lengths,
+    return {**pack_query_response(prompts, responses, pad_id, device),
             "ended_with_eos": torch.tensor(ended, device=device),
             "texts": [tokenizer.decode(a, skip_special_tokens=True) for a in answers]}
 
