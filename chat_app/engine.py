@@ -1,6 +1,7 @@
 """The generation engine: one thread owns the policy model, batches waiting requests, streams tokens, swaps adapters."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -270,7 +271,7 @@ class GenerationEngine:
         """The base is served with the adapters switched off (they stay loaded for a quick switch back)."""
         if self.version == "base" and self.loaded_adapters:
             return self.model.disable_adapter()
-        return _nothing()
+        return contextlib.nullcontext()
 
     def _apply_swap(self, swap: Swap):
         started = time.perf_counter()
@@ -306,11 +307,3 @@ class GenerationEngine:
                 break
             self.model.delete_adapter(oldest)
             self.loaded_adapters.remove(oldest)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

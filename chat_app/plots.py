@@ -94,13 +94,17 @@ def _bars(title: str, names: list[str], values: list[float], ylabel: str, *, col
     return figure
 
 
-def reward_model_accuracy(versions: list[dict]) -> Figure:
-    """Held-out pair accuracy of each version's reward model ("rm/accuracy"); 0.5 is chance."""
-    title = "Reward model accuracy (held-out pairs)"
-    names, values = _per_version(versions, ("rm/accuracy",))
+def _rate_bars(versions: list[dict], key: str, title: str, ylabel: str, color: str) -> Figure:
+    """One bar per version for a rate in [0, 1] with 0.5 (chance) marked; "no data yet" when none has it."""
+    names, values = _per_version(versions, (key,))
     if not names:
         return no_data(title)
-    return _bars(title, names, values, "accuracy", color="tab:green", reference=0.5, ylim=(0, 1.05))
+    return _bars(title, names, values, ylabel, color=color, reference=0.5, ylim=(0, 1.05))
+
+
+def reward_model_accuracy(versions: list[dict]) -> Figure:
+    """Held-out pair accuracy of each version's reward model ("rm/accuracy"); 0.5 is chance."""
+    return _rate_bars(versions, "rm/accuracy", "Reward model accuracy (held-out pairs)", "accuracy", "tab:green")
 
 
 def reward_and_kl(versions: list[dict]) -> Figure:
@@ -127,8 +131,4 @@ def reward_and_kl(versions: list[dict]) -> Figure:
 
 def win_rate(versions: list[dict]) -> Figure:
     """Held-out win rate of each candidate against the policy it was compared with ("eval/win_rate")."""
-    title = "Win rate against the serving policy"
-    names, values = _per_version(versions, ("eval/win_rate",))
-    if not names:
-        return no_data(title)
-    return _bars(title, names, values, "win rate", color="tab:purple", reference=0.5, ylim=(0, 1.05))
+    return _rate_bars(versions, "eval/win_rate", "Win rate against the serving policy", "win rate", "tab:purple")
