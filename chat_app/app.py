@@ -47,12 +47,12 @@ def serving_threads(config: Config, training: bool) -> int:
 
 
 def engine_weights(config: Config) -> str:
-    """bf16 merged serving is a CPU path; on CUDA the model serves as loaded (bf16, or 4-bit through bitsandbytes)."""
-    if config.serve.weights == "bf16" and (config.model.quantization != "none" or torch.cuda.is_available()
-                                           and config.model.device != "cpu"):
-        log.warning("serve.weights=bf16 is for CPU serving; serving the model as loaded")
+    """Packed and bf16 copies are CPU paths; on CUDA the model serves as loaded (bf16, or 4-bit bitsandbytes)."""
+    on_gpu = config.model.quantization != "none" or torch.cuda.is_available() and config.model.device != "cpu"
+    if config.serve.weights in ("bf16", "packed") and on_gpu:
+        log.warning("serve.weights=%s is for CPU serving; serving the model as loaded", config.serve.weights)
         return "model"
-    return config.serve.weights
+    return "model" if config.serve.weights == "auto" and on_gpu else config.serve.weights
 
 
 def build_app(config: Config, with_scheduler: bool = True) -> App:

@@ -15,6 +15,7 @@ import torch
 
 from chat_app.chat import encode_prompt
 from chat_app.decoding import DecodeBatch, Row
+from chat_app.packed import available as packed_available, serving_copy
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +95,31 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
+WEIGHTS = ("auto", "model", "packed", "bf16")
+
+
+def resolve_weights(weights: str, model) -> str:
+    """`auto`: the packed fp32 copy where it applies (CPU, fp32, oneDNN), else the model as loaded."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    if weights == "auto":
+        return "packed" if packed_available(model) else "model"
+    if weights == "packed" and not packed_available(model):
+        raise ValueError("serve.weights=packed needs an fp32 model on CPU and a torch built with oneDNN")
+    return weights
+
+
 class GenerationEngine:
     """The only thread that touches the policy model. Submit requests; swaps apply between batches."""
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int, max_batch_requests: int = 8,
                  kept_adapters: int = 3, version: str = "base", weights: str = "model", merge_adapters: bool = True):
-        if weights not in ("model", "bf16"):
-            raise ValueError(f"weights must be 'model' or 'bf16', got {weights!r}")
-        self.weights = weights
-        self.merge_adapters = merge_adapters or weights == "bf16"
+        self.weights = resolve_weights(weights, model)
+        self.merge_adapters = merge_adapters or self.weights != "model"
         """Serve each version as a merged copy of the base (built off-thread); else load PEFT adapters in place."""
         self.base_model = model
         """The base as loaded; each version's merged copy is built from it."""
-        self.model = merged_copy(model) if weights == "bf16" else model
+        self.model = model if self.weights == "model" else self._serving_copy(None)
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
         self.max_batch_requests = max_batch_requests
@@ -145,10 +158,8 @@ class GenerationEngine:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
         swap = Swap(adapter_path, version)
         if self.merge_adapters:       # build the merged copy here, so serving pauses only for the switch
-            dtype = torch.bfloat16 if self.weights == "bf16" else None
             try:
-                swap.prepared = (self.base_model if adapter_path is None and dtype is None
-                                 else merged_copy(self.base_model, adapter_path, dtype))
+                swap.prepared = self._serving_copy(adapter_path)
             except Exception as error:
                 raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
         self.inbox.put(swap)
@@ -266,6 +277,14 @@ class GenerationEngine:
                         first_token_ms=(first - request.submitted_at) * 1000 if first else None)
         self.requests_served += 1
         request.events.put(("done", result))
+
+    def _serving_copy(self, adapter_path: str | None):
+        """What serves a version when adapters are merged: built from the base, outside the engine thread."""
+        if self.weights == "packed":
+            return serving_copy(self.base_model, adapter_path)
+        if self.weights == "bf16":
+            return merged_copy(self.base_model, adapter_path, torch.bfloat16)
+        return self.base_model if adapter_path is None else merged_copy(self.base_model, adapter_path, None)
 
     def _serving_context(self):
         """The base is served with the adapters switched off (they stay loaded for a quick switch back)."""

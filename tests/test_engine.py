@@ -7,12 +7,13 @@ from chat_app.engine import GenerationEngine
 from chat_app.model import load_model
 
 
-@pytest.fixture(params=[True, False], ids=["merged", "peft"])
+@pytest.fixture(params=[("packed", True), ("model", True), ("model", False)], ids=["packed", "merged", "peft"])
 def engine(request, tiny_config, tokenizer):
-    """Both swap paths: a merged copy built off the engine thread, and PEFT adapters loaded in place."""
+    """Every swap path: a packed or a merged copy built off the engine thread, and PEFT adapters loaded in place."""
     model = load_model(tiny_config.model, tokenizer)
-    eng = GenerationEngine(model, tokenizer, max_context_tokens=256, max_batch_requests=8,
-                           merge_adapters=request.param).start()
+    weights, merge = request.param
+    eng = GenerationEngine(model, tokenizer, max_context_tokens=256, max_batch_requests=8, weights=weights,
+                           merge_adapters=merge).start()
     yield eng
     eng.stop()
 
