@@ -16,7 +16,7 @@ import torch
 
 from chat_app.app import serving_threads
 from chat_app.chat import encode_prompt
-from chat_app.engine import GenerationEngine
+from chat_app.engine import GenerationEngine, resolve_weights
 from chat_app.model import load_model, load_tokenizer
 
 QUESTIONS = ["What is the capital of France?", "Give me three tips for sleeping better.",
@@ -66,12 +66,14 @@ def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int
 
 
 @torch.no_grad()
-def precision_quality(model, tokenizer, questions: list[str], new_tokens: int) -> dict:
-    """How much bf16 serving changes the model: per-token KL(full || bf16) and argmax agreement on sampled answers."""
+def precision_quality(model, tokenizer, questions: list[str], new_tokens: int, weights: str) -> dict:
+    """How much the serving copy changes the model: per-token KL(loaded || copy) and argmax agreement on sampled
+    answers."""
     from chat_app.decoding import decode
     from chat_app.engine import merged_copy
+    from chat_app.packed import serving_copy
 
-    quantized = merged_copy(model)
+    quantized = serving_copy(model) if weights == "packed" else merged_copy(model)
     prompts = [encode_prompt(tokenizer, ask(q), 512)[0] for q in questions]
     answers, _ = decode(model, prompts, max_new_tokens=[new_tokens] * len(prompts), temperature=[0.7] * len(prompts),
                         top_p=[0.9] * len(prompts), seeds=list(range(len(prompts))), eos_id=tokenizer.eos_token_id,
@@ -115,12 +117,16 @@ def training_load(seconds: float, config_path: str, threads: int | None):
 def hot_swap_under_load(engine: GenerationEngine, adapter: Path, version: str, new_tokens: int) -> dict:
     """Swap while requests keep arriving: serving's pause, and how many requests finished during the swap."""
     finished: list[float] = []
+    failed: list[str] = []
     stop = threading.Event()
 
     def users():
         while not stop.is_set():
-            engine.submit(ask("Say something."), n=2, max_new_tokens=new_tokens).result()
-            finished.append(time.perf_counter())
+            try:
+                engine.submit(ask("Say something."), n=2, max_new_tokens=new_tokens).result()
+                finished.append(time.perf_counter())
+            except Exception as error:   # counted, not raised: the figure is how many failed
+                failed.append(str(error))
 
     workers = [threading.Thread(target=users, daemon=True) for _ in range(4)]
     for w in workers:
@@ -135,7 +141,7 @@ def hot_swap_under_load(engine: GenerationEngine, adapter: Path, version: str, n
         w.join()
     during = sum(started <= t <= ended for t in finished)
     return {"pause_ms": pause_ms, "swap_call_ms": (ended - started) * 1000, "requests_finished_during_swap": during,
-            "requests_failed": 0}
+            "requests_failed": len(failed)}
 
 
 def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iterations: int) -> dict:
@@ -160,7 +166,19 @@ def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iter
     cfg.rollout_prompts = max(1, ppo_batch // cfg.samples_per_prompt)
     metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts],
                         lambda prompts, answers: torch.tensor([-len(a) / 100 for a in answers]), cfg)
-    return {"rm_pairs_per_s": rm_metrics.get("rm/pairs_per_s"),
+    # the rollout's generation alone, through the packed copy (what train_ppo used on CPU) and through the HF model
+    from trainer.ppo import rollout
+
+    rollout_prompts = [encode_prompt(tokenizer, as_messages(p), 512)[0] for p in prompts[:ppo_batch]]
+    generation = {}
+    for fast in (True, False):
+        cfg.fast_rollouts = fast
+        started = time.perf_counter()
+        rollout(policy, tokenizer, rollout_prompts, cfg, seed=0)
+        generation["packed" if fast else "hf_model"] = time.perf_counter() - started
+    cfg.fast_rollouts = True
+    return {"rollout_generation_s": generation,
+            "rm_pairs_per_s": rm_metrics.get("rm/pairs_per_s"),
             "ppo_iteration_s": (metrics["time/rollout_s"] + metrics["time/update_s"]) / iterations,
             "ppo_rollout_s": metrics["time/rollout_s"] / iterations,
             "ppo_update_s": metrics["time/update_s"] / iterations,
@@ -178,21 +196,21 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
     from chat_app.app import engine_weights
 
-    weights = engine_weights(config)
+    weights = resolve_weights(engine_weights(config), model)
     results["engine_weights"] = weights
-    if weights == "bf16":   # the same decode loop on the loaded weights, to separate the two gains
-        full = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens).start()
-        engine_pairs(full, QUESTIONS[:1], 4, together=True)
-        results["full_precision_engine"] = {"one_pair_ms_per_step": engine_pairs(full, QUESTIONS[:1], new_tokens,
-                                                                                 together=True)["ms_per_step"],
-                                            "eight_users_tokens_per_s": engine_pairs(full, QUESTIONS, new_tokens,
-                                                                                     together=True)["tokens_per_s"]}
-        full.stop()
-        results["bf16_quality"] = precision_quality(model, tokenizer, QUESTIONS, new_tokens)
-        say(f"engine on full-precision weights: one pair {results['full_precision_engine']['one_pair_ms_per_step']:.1f}"
-            f" ms/step, 8 users {results['full_precision_engine']['eight_users_tokens_per_s']:.0f} tok/s; bf16 vs "
-            f"full: KL {results['bf16_quality']['kl_per_token']:.4f} nats/token, argmax agreement "
-            f"{results['bf16_quality']['argmax_agreement']:.3f}")
+    if weights != "model":   # the same decode loop on the weights as loaded, to separate the two gains
+        loaded = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
+                                  weights="model").start()
+        engine_pairs(loaded, QUESTIONS[:1], 4, together=True)
+        results["loaded_weights_engine"] = {
+            "one_pair_ms_per_step": engine_pairs(loaded, QUESTIONS[:1], new_tokens, together=True)["ms_per_step"],
+            "eight_users_tokens_per_s": engine_pairs(loaded, QUESTIONS, new_tokens, together=True)["tokens_per_s"]}
+        loaded.stop()
+        results["serving_copy_quality"] = precision_quality(model, tokenizer, QUESTIONS, new_tokens, weights)
+        say(f"engine on the weights as loaded: one pair {results['loaded_weights_engine']['one_pair_ms_per_step']:.1f}"
+            f" ms/step, 8 users {results['loaded_weights_engine']['eight_users_tokens_per_s']:.0f} tok/s; {weights} "
+            f"copy vs loaded: KL {results['serving_copy_quality']['kl_per_token']:.1e} nats/token, argmax agreement "
+            f"{results['serving_copy_quality']['argmax_agreement']:.3f}")
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=8, weights=weights).start()
     engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up
@@ -256,7 +274,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     say(f"training: reward model {results['training']['rm_pairs_per_s']:.1f} pairs/s; PPO iteration "
         f"{results['training']['ppo_iteration_s']:.1f} s (rollout {results['training']['ppo_rollout_s']:.1f} s, "
         f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
-        f"{response_length} tokens")
+        f"{response_length} tokens; rollout generation {results['training']['rollout_generation_s']['packed']:.1f} s "
+        f"packed vs {results['training']['rollout_generation_s']['hf_model']:.1f} s through the HF model")
     results["peak_memory_mb"] = {"serving": serving_peak_mb,
                                  "serving_then_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":

@@ -105,6 +105,8 @@ class PPOConfig:
     """Rollout temperature; logprobs (policy, old and reference) use the same tempered logits."""
     top_k: int = 0
     """0 samples rollouts from the whole vocabulary, as the logprobs assume; k > 0 focuses on the k likeliest."""
+    fast_rollouts: bool = True
+    """Sample rollouts with the packed copy of the current policy (CPU fp32 Llamas; chat_app/packed.py)."""
     learning_rate: float = 2e-4
     kl_coef: float = 0.05
     """β in the per-token penalty β·(logp − logp_ref). Raise it if answers drift from the base."""

@@ -81,3 +81,18 @@ def test_sampling_over_the_whole_vocabulary_follows_the_distribution():
 def test_an_unknown_weights_choice_is_a_config_error():
     with pytest.raises(ConfigError, match="serve.weights: expected one of auto, model, packed, bf16"):
         load_config(None, ["serve.weights=fast"])
+
+
+def test_the_packed_policy_copy_samples_what_the_peft_policy_samples(tiny_config, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from chat_app.packed import policy_copy
+    policy = get_peft_model(load_model(tiny_config.model, tokenizer),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False))
+    batch = prompts(tokenizer, "roll", "out a longer prompt here")
+    args = dict(max_new_tokens=[10] * 2, temperature=[0.7] * 2, top_p=[1.0] * 2, seeds=[5, 6],
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, top_k=0)
+    fast = policy_copy(policy)
+    assert decode(fast, batch, **args) == decode(policy, batch, **args)
+    with policy.disable_adapter():                   # the copy folded the adapter in: it differs from the base
+        assert decode(policy, batch, **args) != decode(fast, batch, **args)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from chat_app.chat import encode_prompt
 from chat_app.config import LoraConfig, PPOConfig
 from chat_app.decoding import decode, left_pad
+from chat_app.packed import policy_copy
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -216,7 +217,8 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
     """
     device, batch = next(policy.parameters()).device, len(prompts)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    answers, ended = decode(policy, prompts, max_new_tokens=[cfg.response_length] * batch,
+    sampler = (policy_copy(policy) if cfg.fast_rollouts else None) or policy   # CPU: the packed serving path
+    answers, ended = decode(sampler, prompts, max_new_tokens=[cfg.response_length] * batch,
                             temperature=[cfg.temperature] * batch, top_p=[1.0] * batch,
                             seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id,
                             top_k=cfg.top_k)              # 0: the whole vocabulary, as the logprobs below assume

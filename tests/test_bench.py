@@ -1,0 +1,31 @@
+"""`run.py bench` runs end to end on the tiny model and reports every figure the issue asks for (no timing asserted)."""
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT, TINY
+
+
+def test_bench_reports_every_figure_beside_its_baseline():
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "bench", "--config", TINY, "--json", "--iterations", "1",
+                          "--ppo-batch", "4", "--response-length", "8"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout[out.stdout.index("{\n"):])
+    assert results["engine_weights"] == "packed"                 # the CPU default, measured against the loaded model
+    assert results["loaded_weights_engine"]["one_pair_ms_per_step"] > 0
+    assert abs(results["serving_copy_quality"]["kl_per_token"]) < 1e-3
+    assert results["serving_copy_quality"]["argmax_agreement"] > 0.99
+    one = results["one_pair"]
+    assert one["ms_per_step"] > 0 and one["plain_generate_ms_per_step"] > 0 and one["first_token_ms"] > 0
+    assert one["ratio_to_plain"] == one["ms_per_step"] / one["plain_generate_ms_per_step"]
+    eight = results["eight_users"]
+    assert eight["tokens_per_s"] > 0 and eight["one_at_a_time_tokens_per_s"] > 0
+    assert eight["plain_generate_tokens_per_s"] > 0
+    assert results["with_lora"]["one_pair_ms_per_step"] > 0
+    assert results["hot_swap"]["requests_failed"] == 0 and results["hot_swap"]["pause_ms"] >= 0
+    assert set(results["during_training"]) == {"split", "default_threads"}
+    training = results["training"]
+    assert training["rm_pairs_per_s"] > 0 and training["ppo_rollout_s"] > 0 and training["ppo_update_s"] > 0
+    assert set(training["rollout_generation_s"]) == {"packed", "hf_model"}
+    assert results["peak_memory_mb"]["serving_then_training"] >= results["peak_memory_mb"]["serving"] > 0
