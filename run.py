@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--ppo-batch", type=int, default=8)
     p.add_argument("--response-length", type=int, default=48)
     p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--rm-sizes", default="", help="comma-separated vote counts, e.g. 48,192: reward-model cost "
+                   "cold at each, and warm-started after --rm-new-votes more (off by default: minutes per size)")
+    p.add_argument("--rm-new-votes", type=int, default=32)
     p = command("export", "write the votes as JSONL preference pairs (prompt, chosen, rejected)")
     p.add_argument("--out", default="-", help="file, or - for stdout")
     command("prepare", "fetch and cache the model, create the database")
@@ -113,8 +116,12 @@ def main(argv=None):
     elif args.command == "bench":
         from chat_app.bench import bench
 
+        try:
+            sizes = [int(n) for n in args.rm_sizes.split(",") if n.strip()]
+        except ValueError:
+            parser.error(f"--rm-sizes: expected comma-separated integers, got {args.rm_sizes!r}")
         bench(config, as_json=args.json, ppo_batch=args.ppo_batch, response_length=args.response_length,
-              iterations=args.iterations)
+              iterations=args.iterations, rm_sizes=sizes, rm_new_votes=args.rm_new_votes)
     elif args.command == "export":
         from chat_app.store import Store
 

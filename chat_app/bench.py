@@ -146,18 +146,15 @@ def hot_swap_under_load(engine: GenerationEngine, adapter: Path, version: str, n
 
 def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iterations: int) -> dict:
     """Reward-model pairs/s and PPO iteration time split into rollout and update."""
-    import random
+    import dataclasses
 
     from trainer.data import as_messages, load_prompts
     from trainer.ppo import ValueHead, make_policy, train_ppo
     from trainer.reward import train_reward_model
 
     prompts = load_prompts(config.schedule.seed_prompts)
-    rng = random.Random(0)
-    pairs = [{"prompt_messages": as_messages(p), "chosen": "A short, clear answer.",
-              "rejected": "A long answer that rambles on " + "and on " * rng.randint(3, 20)} for p in prompts[:48]]
-    config.reward.epochs = 1
-    _, rm_metrics = train_reward_model(config.model, config.reward, tokenizer, pairs)
+    reward_cfg = dataclasses.replace(config.reward, epochs=1)
+    _, rm_metrics = train_reward_model(config.model, reward_cfg, tokenizer, synthetic_pairs(prompts, 48))
     policy = make_policy(load_model(config.model, tokenizer), config.lora)
     value_head = ValueHead(policy.config.hidden_size)
     cfg = config.ppo
@@ -185,8 +182,49 @@ def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iter
             "ppo_batch": cfg.rollout_prompts * cfg.samples_per_prompt, "response_length": response_length}
 
 
+def synthetic_pairs(prompts: list[str], n: int, seed: int = 0) -> list[dict]:
+    """`n` preference pairs of realistic lengths (a short answer preferred to a rambling one), ids 0..n-1."""
+    import random
+
+    from trainer.data import as_messages
+
+    rng = random.Random(seed)
+    return [{"comparison_id": i, "prompt_messages": as_messages(f"{prompts[i % len(prompts)]} ({i // len(prompts)})"),
+             "chosen": "A short, clear answer" + " with a detail" * rng.randint(0, 6) + ".",
+             "rejected": "A long answer that rambles on " + "and on " * rng.randint(5, 40)} for i in range(n)]
+
+
+def bench_reward_scaling(config, tokenizer, sizes: list[int], new_votes: int) -> list[dict]:
+    """The reward model's cost as votes grow: trained cold on n votes, then warm-started with `new_votes` more."""
+    import dataclasses
+
+    from trainer.data import load_prompts
+    from trainer.reward import train_reward_model
+
+    prompts = load_prompts(config.schedule.seed_prompts)
+    reward_cfg = dataclasses.replace(config.reward, epochs=1)
+    rows = []
+    for n in sizes:
+        pairs = synthetic_pairs(prompts, n + new_votes)
+        with tempfile.TemporaryDirectory() as tmp:
+            cold, cold_metrics = train_reward_model(config.model, reward_cfg, tokenizer, pairs[:n])
+            cold.save(Path(tmp) / "rm")
+            del cold
+            _, warm_metrics = train_reward_model(config.model, reward_cfg, tokenizer, pairs,
+                                                 init_adapter=str(Path(tmp) / "rm"))
+        rows.append({"votes": n, "cold": _rm_cost(cold_metrics), "warm_votes": n + new_votes,
+                     "warm": _rm_cost(warm_metrics)})
+    return rows
+
+
+def _rm_cost(metrics: dict) -> dict:
+    keys = ("time/reward_s", "time/reward_encode_s", "time/reward_train_s", "rm/train_pairs", "rm/new_pairs",
+            "rm/replayed_pairs", "rm/tokenized_pairs", "rm/heldout_pairs")
+    return {key.split("/")[1]: metrics[key] for key in keys}
+
+
 def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: int = 48, iterations: int = 2,
-          new_tokens: int = 48) -> dict:
+          new_tokens: int = 48, rm_sizes: list[int] = (), rm_new_votes: int = 32) -> dict:
     results: dict = {"config": config.source, "cores": os.cpu_count(), "torch": torch.__version__}
     torch.set_num_threads(serving_threads(config, training=False))
     tokenizer = load_tokenizer(config.model)
@@ -198,19 +236,6 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
 
     weights = resolve_weights(engine_weights(config), model)
     results["engine_weights"] = weights
-    if weights != "model":   # the same decode loop on the weights as loaded, to separate the two gains
-        loaded = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
-                                  weights="model").start()
-        engine_pairs(loaded, QUESTIONS[:1], 4, together=True)
-        results["loaded_weights_engine"] = {
-            "one_pair_ms_per_step": engine_pairs(loaded, QUESTIONS[:1], new_tokens, together=True)["ms_per_step"],
-            "eight_users_tokens_per_s": engine_pairs(loaded, QUESTIONS, new_tokens, together=True)["tokens_per_s"]}
-        loaded.stop()
-        results["serving_copy_quality"] = precision_quality(model, tokenizer, QUESTIONS, new_tokens, weights)
-        say(f"engine on the weights as loaded: one pair {results['loaded_weights_engine']['one_pair_ms_per_step']:.1f}"
-            f" ms/step, 8 users {results['loaded_weights_engine']['eight_users_tokens_per_s']:.0f} tok/s; {weights} "
-            f"copy vs loaded: KL {results['serving_copy_quality']['kl_per_token']:.1e} nats/token, argmax agreement "
-            f"{results['serving_copy_quality']['argmax_agreement']:.3f}")
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=8, weights=weights).start()
     engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up
@@ -266,7 +291,21 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
             f"({split['split']['serving_threads']}+{split['split']['trainer_threads']} threads) vs "
             f"{split['default_threads']['one_pair_ms_per_step']:.0f} ms/step with default threads")
     engine.stop()
-    serving_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    serving_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # before the comparison copies
+
+    if weights != "model":   # the same decode loop on the weights as loaded, to separate the two gains
+        loaded = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
+                                  weights="model").start()
+        engine_pairs(loaded, QUESTIONS[:1], 4, together=True)
+        results["loaded_weights_engine"] = {
+            "one_pair_ms_per_step": engine_pairs(loaded, QUESTIONS[:1], new_tokens, together=True)["ms_per_step"],
+            "eight_users_tokens_per_s": engine_pairs(loaded, QUESTIONS, new_tokens, together=True)["tokens_per_s"]}
+        loaded.stop()
+        results["serving_copy_quality"] = precision_quality(model, tokenizer, QUESTIONS, new_tokens, weights)
+        say(f"engine on the weights as loaded: one pair {results['loaded_weights_engine']['one_pair_ms_per_step']:.1f}"
+            f" ms/step, 8 users {results['loaded_weights_engine']['eight_users_tokens_per_s']:.0f} tok/s; {weights} "
+            f"copy vs loaded: KL {results['serving_copy_quality']['kl_per_token']:.1e} nats/token, argmax agreement "
+            f"{results['serving_copy_quality']['argmax_agreement']:.3f}")
 
     # 4. training speed (in this process), then peak memory
     torch.set_num_threads(config.schedule.trainer_threads if device.type == "cpu" else torch.get_num_threads())
@@ -276,6 +315,13 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
         f"{response_length} tokens; rollout generation {results['training']['rollout_generation_s']['packed']:.1f} s "
         f"packed vs {results['training']['rollout_generation_s']['hf_model']:.1f} s through the HF model")
+    if rm_sizes:   # 5. how a retrain's cost grows with the votes (PPO and the gate do not depend on them)
+        results["reward_scaling"] = bench_reward_scaling(config, tokenizer, rm_sizes, rm_new_votes)
+        for row in results["reward_scaling"]:
+            say(f"reward model (1 epoch) on {row['votes']} votes cold: {row['cold']['reward_s']:.1f} s "
+                f"({row['cold']['train_pairs']} pairs trained, {row['cold']['tokenized_pairs']} tokenised); "
+                f"warm-started at {row['warm_votes']}: {row['warm']['reward_s']:.1f} s ({row['warm']['new_pairs']} "
+                f"new + {row['warm']['replayed_pairs']} replayed, {row['warm']['tokenized_pairs']} tokenised)")
     results["peak_memory_mb"] = {"serving": serving_peak_mb,
                                  "serving_then_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":

@@ -90,6 +90,9 @@ class RewardConfig:
     lora_r: int = 8
     warm_start: bool = True
     """Start from the previous reward adapter when there is one."""
+    replay_ratio: float = 1.0
+    """Warm-started, train on the pairs the previous adapter has not seen plus this many old pairs per new one
+    (at least `min_pairs` in all); a negative value trains on every pair again."""
 
 
 @dataclass

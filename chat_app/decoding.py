@@ -92,13 +92,24 @@ class DecodeBatch:
 
     @torch.no_grad()
     def add(self, prompts: list[list[int]], rows: list[Row]) -> None:
-        """Prefill the new rows' prompts and merge their cache into the batch's (left-padded to one width)."""
-        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        """Prefill the new rows' prompts and merge their cache into the batch's (left-padded to one width).
+
+        A prompt shared by several rows (the two answers of a pair) is prefilled once and its cache copied:
+        prefill is compute-bound on CPU, so this halves the time to the first token.
+        """
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        ids, mask = left_pad([list(p) for p in distinct], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
         self.prefills += 1
         logits, position = out.logits[:, -1].float(), positions[:, -1:]
+        if len(distinct) < len(prompts):                      # one cache row per answer row
+            rows_of = torch.tensor(source, device=self.device)
+            logits, position, mask = logits[rows_of], position[rows_of], mask[rows_of]
+            for layer in out.past_key_values.layers:
+                layer.keys, layer.values = layer.keys[rows_of], layer.values[rows_of]
         if not self.rows:
             self.cache, self.mask, self.position, self.logits = out.past_key_values, mask, position, logits
         else:

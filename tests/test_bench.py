@@ -8,7 +8,8 @@ from tests.conftest import ROOT, TINY
 
 def test_bench_reports_every_figure_beside_its_baseline():
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), "bench", "--config", TINY, "--json", "--iterations", "1",
-                          "--ppo-batch", "4", "--response-length", "8"], cwd=ROOT, capture_output=True, text=True,
+                          "--ppo-batch", "4", "--response-length", "8",
+                          "--rm-sizes", "16", "--rm-new-votes", "8"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout[out.stdout.index("{\n"):])
@@ -28,4 +29,8 @@ def test_bench_reports_every_figure_beside_its_baseline():
     training = results["training"]
     assert training["rm_pairs_per_s"] > 0 and training["ppo_rollout_s"] > 0 and training["ppo_update_s"] > 0
     assert set(training["rollout_generation_s"]) == {"packed", "hf_model"}
+    (scaling,) = results["reward_scaling"]
+    assert scaling["cold"]["tokenized_pairs"] == 16 and scaling["warm_votes"] == 24
+    assert scaling["warm"]["tokenized_pairs"] == 8                # only the new votes are read and tokenised
+    assert scaling["warm"]["train_pairs"] < 24 - scaling["warm"]["heldout_pairs"]   # not everything again
     assert results["peak_memory_mb"]["serving_then_training"] >= results["peak_memory_mb"]["serving"] > 0

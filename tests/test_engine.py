@@ -134,3 +134,34 @@ def test_a_new_request_joins_a_running_batch_and_gets_the_same_answer(engine):
     assert not any(event[0] == "done" for event in list(long.events.queue))   # joined, not queued behind it
     assert late_result.texts[0] == alone
     assert len(long.result().texts[0]) > 0
+
+
+@pytest.mark.parametrize("weights", ["model", "packed"])
+def test_the_answers_of_a_pair_share_one_prefill_and_each_is_its_own_sample(tiny_config, tokenizer, weights):
+    from chat_app.packed import serving_copy
+    from chat_app.decoding import DecodeBatch, Row
+
+    model = load_model(tiny_config.model, tokenizer)
+    model = serving_copy(model) if weights == "packed" else model
+    prompt = encode_prompt(tokenizer, ask("one prompt, two answers"), 200)[0]
+    args = dict(temperature=[1.0], top_p=[1.0], eos_id=2, pad_id=2, top_k=0)
+    alone = [decode(model, [prompt], max_new_tokens=[10], seeds=[seed], **args)[0][0] for seed in (1, 2)]
+    prefilled = []
+
+    class Watched:                                      # the model, noting how many rows each prefill reads
+        def parameters(self):
+            return model.parameters()
+
+        def __call__(self, **kwargs):
+            if kwargs.get("past_key_values") is None:
+                prefilled.append(kwargs["input_ids"].shape[0])
+            return model(**kwargs)
+
+    batch = DecodeBatch(Watched(), eos_id=2, pad_id=2, top_k=0)
+    rows = [Row(key=i, max_new_tokens=10, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(s))
+            for i, s in enumerate((1, 2))]
+    batch.add([prompt, prompt], rows)
+    assert prefilled == [1] and batch.mask.shape[0] == 2  # one prefill row, one cache row per answer
+    while len(batch):
+        batch.step()
+    assert [r.tokens for r in rows] == alone and alone[0] != alone[1]

@@ -140,3 +140,25 @@ def test_save_load_round_trip_and_warm_start(cfg, tokenizer, trained, tmp_path):
     warm, _ = train_reward_model(cfg.model, no_steps, tokenizer, separable_pairs(), init_adapter=str(tmp_path / "rm"))
     assert any(p.requires_grad for p in warm.model.parameters())
     torch.testing.assert_close(warm.score(prompts, answers), rm.score(prompts, answers), atol=0, rtol=0)
+
+
+def test_a_warm_start_trains_on_new_pairs_plus_a_replay_and_tokenises_only_new_ones(cfg, tokenizer, tmp_path):
+    everything = separable_pairs(50)
+    first, first_metrics = train_reward_model(cfg.model, cfg.reward, tokenizer, everything[:30], seed=0)
+    assert first_metrics["rm/tokenized_pairs"] == 30 and first_metrics["rm/replayed_pairs"] == 0
+    first.save(tmp_path / "rm")
+    warm, metrics = train_reward_model(cfg.model, cfg.reward, tokenizer, everything, seed=0,
+                                       init_adapter=str(tmp_path / "rm"))
+    train, _ = split_by_prompt(everything, cfg.reward.heldout_fraction, seed=0)
+    new_train = [p for p in train if p["comparison_id"] >= 30]
+    assert metrics["rm/new_pairs"] == len(new_train)
+    assert metrics["rm/replayed_pairs"] == min(len(train) - len(new_train),
+                                               max(len(new_train), cfg.reward.min_pairs - len(new_train)))
+    assert metrics["rm/train_pairs"] < len(train)              # not every pair again
+    assert metrics["rm/tokenized_pairs"] == 20                 # the 30 old pairs came from the carried cache
+    assert metrics["rm/accuracy"] >= 0.9                        # and it still ranks unseen prompts
+    assert warm.trained_on >= {p["comparison_id"] for p in train}
+    # another tokeniser setting makes the carried cache unusable: everything is tokenised again
+    other = load_config(TINY, ["reward.epochs=0", "reward.max_length=100"]).reward
+    _, again = train_reward_model(cfg.model, other, tokenizer, everything, init_adapter=str(tmp_path / "rm"))
+    assert again["rm/tokenized_pairs"] == 50

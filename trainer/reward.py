@@ -70,6 +70,10 @@ def lora_config(reward_cfg: RewardConfig):
                       lora_dropout=0.0, target_modules=TARGET_MODULES, modules_to_save=[HEAD])
 
 
+TOKENS_FILE = "pair_tokens.json"
+"""Beside a saved reward adapter: the token ids of every pair it has read, and which pairs it trained on."""
+
+
 class RewardModel:
     """The scalar-head model with its LoRA adapter, and the tokenizer; scores (prompt, answer) pairs."""
 
@@ -78,6 +82,27 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = next(model.parameters()).device
+        self.pair_tokens: dict[int, tuple[list[int], list[int]]] = {}
+        """comparison id -> (chosen ids, rejected ids): tokenised once, carried from run to run."""
+        self.trained_on: set[int] = set()
+        """Comparison ids this adapter has been trained on, in this run or the runs it warm-started from."""
+        self.tokenized = 0
+        """Pairs tokenised by this object (the rest came from the carried cache)."""
+
+    def _cache_key(self) -> dict:
+        return {"format": 1, "tokenizer": getattr(self.tokenizer, "name_or_path", ""), "vocab": len(self.tokenizer),
+                "max_length": self.max_length}
+
+    def load_pair_tokens(self, folder: str | Path) -> None:
+        """Take over a previous run's token cache and trained-on ids (ignored if the tokenizer or length differ)."""
+        path = Path(folder) / TOKENS_FILE
+        if not path.exists():
+            return
+        data = json.loads(path.read_text())
+        if data.get("key") != self._cache_key():
+            return
+        self.pair_tokens = {int(k): (v[0], v[1]) for k, v in data["pairs"].items()}
+        self.trained_on = set(data["trained_on"])
 
     @classmethod
     def create(cls, model_cfg: ModelConfig, reward_cfg: RewardConfig, tokenizer, init_adapter: str | None = None,
@@ -91,7 +116,10 @@ class RewardModel:
             model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
         else:
             model = get_peft_model(base, lora_config(reward_cfg))
-        return cls(model, tokenizer, reward_cfg.max_length)
+        rm = cls(model, tokenizer, reward_cfg.max_length)
+        if init_adapter:
+            rm.load_pair_tokens(init_adapter)
+        return rm
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, reward_cfg: RewardConfig, tokenizer, folder: str | Path) -> "RewardModel":
@@ -104,11 +132,32 @@ class RewardModel:
         return cls(model, tokenizer, reward_cfg.max_length)
 
     def save(self, folder: str | Path) -> None:
-        """Write the adapter and the trained head (peft's modules_to_save) to `folder`."""
+        """Write the adapter and the trained head (peft's modules_to_save), and the pair token cache, to `folder`."""
         self.model.save_pretrained(str(folder))
+        data = {"key": self._cache_key(), "trained_on": sorted(self.trained_on),
+                "pairs": {str(k): [c, r] for k, (c, r) in self.pair_tokens.items()}}
+        (Path(folder) / TOKENS_FILE).write_text(json.dumps(data, separators=(",", ":")))
 
     def encode(self, prompt_messages_list: list[list[dict]], answers: list[str]) -> list[list[int]]:
         return [encode_pair_text(self.tokenizer, m, a, self.max_length) for m, a in zip(prompt_messages_list, answers)]
+
+    def encode_pairs(self, pairs: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+        """(chosen ids, rejected ids) per pair; a pair with a comparison id is tokenised once across runs."""
+        chosen, rejected = [], []
+        for pair in pairs:
+            key = pair.get("comparison_id")
+            if key is None or key not in self.pair_tokens:
+                ids = (encode_pair_text(self.tokenizer, pair["prompt_messages"], pair["chosen"], self.max_length),
+                       encode_pair_text(self.tokenizer, pair["prompt_messages"], pair["rejected"], self.max_length))
+                self.tokenized += 1
+                if key is None:
+                    chosen.append(ids[0])
+                    rejected.append(ids[1])
+                    continue
+                self.pair_tokens[key] = ids
+            chosen.append(self.pair_tokens[key][0])
+            rejected.append(self.pair_tokens[key][1])
+        return chosen, rejected
 
     def score_ids(self, sequences: list[list[int]]) -> Tensor:
         """Rewards (batch,) float32, read from the hidden state at each sequence's last real token."""
@@ -125,9 +174,13 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompt_messages_list: list[list[dict]], answers: list[str], batch_size: int = 16) -> Tensor:
         """Rewards (n,) on the CPU for each (prompt messages, answer); no grad, eval mode, batched."""
+        return self.score_sequences(self.encode(prompt_messages_list, answers), batch_size)
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: list[list[int]], batch_size: int = 16) -> Tensor:
+        """Rewards (n,) on the CPU for token sequences; no grad, eval mode, batched by length."""
         was_training = self.model.training
         self.model.eval()
-        sequences = self.encode(prompt_messages_list, answers)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths pad less
         rewards = torch.zeros(len(sequences))
         for start in range(0, len(order), batch_size):
@@ -139,9 +192,8 @@ class RewardModel:
 
 def evaluate_pairs(rm: RewardModel, pairs: list[dict], batch_size: int = 16) -> dict:
     """Pair accuracy, Bradley-Terry loss and mean margin (chosen − rejected) of `rm` on `pairs`."""
-    prompts = [p["prompt_messages"] for p in pairs]
-    chosen = rm.score(prompts, [p["chosen"] for p in pairs], batch_size)
-    rejected = rm.score(prompts, [p["rejected"] for p in pairs], batch_size)
+    chosen_ids, rejected_ids = rm.encode_pairs(pairs)
+    chosen, rejected = rm.score_sequences(chosen_ids, batch_size), rm.score_sequences(rejected_ids, batch_size)
     margin = chosen - rejected
     return {"accuracy": (margin > 0).float().mean().item(), "loss": bradley_terry_loss(chosen, rejected).item(),
             "margin": margin.mean().item()}
@@ -153,6 +205,9 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
     """Fit a reward model to preference pairs; (None, {"rm/skipped": why}) when there are too few pairs.
 
     Held-out metrics are None when all pairs share one prompt (nothing to hold out).
+    Warm-started from `init_adapter`, it trains on the pairs that adapter has not seen plus a replay sample of
+    the old ones (`reward.replay_ratio`), and tokenises only pairs it has never read: the cost of a run follows
+    the new votes, not all of them (the held-out evaluation, forward only, still reads every held-out pair).
     """
     if len(pairs) < reward_cfg.min_pairs:
         return None, {"rm/skipped": f"skipped: {len(pairs)} pairs, need {reward_cfg.min_pairs}"}
@@ -161,8 +216,16 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
     # 1. split by prompt, so held-out accuracy measures prompts the model never saw
     train, heldout = split_by_prompt(pairs, reward_cfg.heldout_fraction, seed)
     rm = RewardModel.create(model_cfg, reward_cfg, tokenizer, init_adapter=init_adapter, seed=seed)
-    chosen_ids = rm.encode([p["prompt_messages"] for p in train], [p["chosen"] for p in train])
-    rejected_ids = rm.encode([p["prompt_messages"] for p in train], [p["rejected"] for p in train])
+    new = [p for p in train if p.get("comparison_id") not in rm.trained_on]
+    old = [p for p in train if p.get("comparison_id") in rm.trained_on]
+    if old and reward_cfg.replay_ratio >= 0:      # warm start: new pairs, and a replay of old ones against forgetting
+        replay = max(round(len(new) * reward_cfg.replay_ratio), reward_cfg.min_pairs - len(new), 0)
+        fit = new + random.Random(seed).sample(old, min(len(old), replay))
+    else:
+        fit = train
+    encode_started = time.perf_counter()
+    chosen_ids, rejected_ids = rm.encode_pairs(fit)
+    encode_s = time.perf_counter() - encode_started
 
     # 2. optimizer: LoRA at the configured lr, the scalar head faster
     head_params = [p for n, p in rm.model.named_parameters() if p.requires_grad and f".{HEAD}." in n]
@@ -170,7 +233,7 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
     optimizer = torch.optim.AdamW([
         {"params": lora_params, "lr": reward_cfg.learning_rate},
         {"params": head_params, "lr": reward_cfg.learning_rate * HEAD_LR_SCALE}], weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / reward_cfg.batch_size)
+    steps_per_epoch = math.ceil(len(fit) / reward_cfg.batch_size)
     total_steps = steps_per_epoch * reward_cfg.epochs
     rng = random.Random(seed)
 
@@ -178,7 +241,7 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
     rm.model.train()  # LoRA dropout is 0 and Llama has no dropout: train mode changes nothing but the flag
     step, train_started = 0, time.perf_counter()
     for epoch in range(reward_cfg.epochs):
-        order = list(range(len(train)))
+        order = list(range(len(fit)))
         rng.shuffle(order)
         for start in range(0, len(order), reward_cfg.batch_size):
             mb = order[start:start + reward_cfg.batch_size]
@@ -199,16 +262,20 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
                               "rm/batch_accuracy": mb_accuracy})
     train_s = time.perf_counter() - train_started
 
-    # 4. metrics: held-out pairs decide; training accuracy shows whether it fits at all
+    rm.trained_on.update(p["comparison_id"] for p in fit if p.get("comparison_id") is not None)
+
+    # 4. metrics: held-out pairs decide; training accuracy (on this run's pairs) shows whether it fits at all
     rm.model.eval()
-    fit = evaluate_pairs(rm, train)
+    fitted = evaluate_pairs(rm, fit)
     held = evaluate_pairs(rm, heldout) if heldout else {"accuracy": None, "loss": None, "margin": None}
     metrics = {"rm/accuracy": held["accuracy"], "rm/loss": held["loss"], "rm/margin": held["margin"],
-               "rm/train_accuracy": fit["accuracy"], "rm/train_loss": fit["loss"],
-               "rm/train_pairs": len(train), "rm/heldout_pairs": len(heldout),
+               "rm/train_accuracy": fitted["accuracy"], "rm/train_loss": fitted["loss"],
+               "rm/train_pairs": len(fit), "rm/new_pairs": len(new), "rm/replayed_pairs": len(fit) - len(new),
+               "rm/heldout_pairs": len(heldout), "rm/tokenized_pairs": rm.tokenized,
+               "time/reward_encode_s": encode_s, "time/reward_train_s": train_s,
                "time/reward_s": time.perf_counter() - started,
-               "rm/pairs_per_s": len(train) * reward_cfg.epochs / max(train_s, 1e-9)}
+               "rm/pairs_per_s": len(fit) * reward_cfg.epochs / max(train_s, 1e-9)}
     accuracy = "n/a" if held["accuracy"] is None else f"{held['accuracy']:.3f}"
-    print(f"rm done: heldout acc {accuracy} on {len(heldout)} pairs, train acc {fit['accuracy']:.3f} "
-          f"on {len(train)}, {metrics['time/reward_s']:.1f} s", flush=True)
+    print(f"rm done: heldout acc {accuracy} on {len(heldout)} pairs, train acc {fitted['accuracy']:.3f} "
+          f"on {len(fit)} ({len(new)} new), tokenised {rm.tokenized}, {metrics['time/reward_s']:.1f} s", flush=True)
     return rm, metrics
