@@ -84,6 +84,10 @@ class RewardConfig:
     """Share of prompts (not pairs) held out to measure accuracy."""
     epochs: int = 3
     batch_size: int = 8
+    """Pairs per optimizer step."""
+    micro_batch_size: int = 2
+    """Pairs per forward/backward inside a step (gradients accumulate; the same update as the whole batch at once):
+    bounds the activations a training run holds, the largest part of its memory."""
     learning_rate: float = 2e-4
     max_length: int = 384
     """Tokens of context plus answer the reward model reads (the prompt's oldest tokens are cut)."""

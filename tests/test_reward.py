@@ -162,3 +162,18 @@ def test_a_warm_start_trains_on_new_pairs_plus_a_replay_and_tokenises_only_new_o
     other = load_config(TINY, ["reward.epochs=0", "reward.max_length=100"]).reward
     _, again = train_reward_model(cfg.model, other, tokenizer, everything, init_adapter=str(tmp_path / "rm"))
     assert again["rm/tokenized_pairs"] == 50
+
+
+def test_micro_batches_give_the_same_model_as_whole_batches(cfg, tokenizer):
+    pairs = separable_pairs(24)
+    probe = separable_pairs(6, seed=9)
+    scores = []
+    for micro in (1, 8):
+        reward_cfg = load_config(TINY, ["reward.epochs=1", "reward.batch_size=8",
+                                        f"reward.micro_batch_size={micro}"]).reward
+        rm, _ = train_reward_model(cfg.model, reward_cfg, tokenizer, pairs, seed=0)
+        scores.append(rm.score([p["prompt_messages"] for p in probe], [p["chosen"] for p in probe]))
+    untrained = RewardModel.create(cfg.model, cfg.reward, tokenizer, seed=0)
+    before = untrained.score([p["prompt_messages"] for p in probe], [p["chosen"] for p in probe])
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-4, rtol=1e-4)   # accumulation: the same update
+    assert not torch.allclose(scores[0], before, atol=1e-3)                    # and training did move it

@@ -110,8 +110,8 @@ class RewardModel:
         """A trainable reward model: a fresh LoRA adapter and head, or `init_adapter`'s, loaded trainable."""
         from peft import PeftModel, get_peft_model
 
+        torch.manual_seed(seed)  # the new head's init (a pretrained model has none) and the LoRA A matrices
         base = load_model(model_cfg, tokenizer, kind="reward")
-        torch.manual_seed(seed)  # LoRA A matrices and, for a hub model, the new head's init
         if init_adapter:
             model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
         else:
@@ -245,11 +245,18 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
         rng.shuffle(order)
         for start in range(0, len(order), reward_cfg.batch_size):
             mb = order[start:start + reward_cfg.batch_size]
-            rewards = rm.score_ids([chosen_ids[i] for i in mb] + [rejected_ids[i] for i in mb])  # (2 * mb,)
-            mb_chosen, mb_rejected = rewards[:len(mb)], rewards[len(mb):]
-            loss = bradley_terry_loss(mb_chosen, mb_rejected)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            chosen_parts, rejected_parts = [], []
+            micro_size = max(1, reward_cfg.micro_batch_size)
+            for micro_start in range(0, len(mb), micro_size):   # the activations of a few pairs at a time
+                micro = mb[micro_start:micro_start + micro_size]
+                rewards = rm.score_ids([chosen_ids[i] for i in micro] + [rejected_ids[i] for i in micro])
+                part_chosen, part_rejected = rewards[:len(micro)], rewards[len(micro):]
+                (bradley_terry_loss(part_chosen, part_rejected) * len(micro) / len(mb)).backward()  # sums to the mean
+                chosen_parts.append(part_chosen.detach())
+                rejected_parts.append(part_rejected.detach())
+            mb_chosen, mb_rejected = torch.cat(chosen_parts), torch.cat(rejected_parts)
+            loss = bradley_terry_loss(mb_chosen, mb_rejected)
             torch.nn.utils.clip_grad_norm_(lora_params + head_params, MAX_GRAD_NORM)
             optimizer.step()
             step += 1
