@@ -96,3 +96,4 @@ def test_the_packed_policy_copy_samples_what_the_peft_policy_samples(tiny_config
     assert decode(fast, batch, **args) == decode(policy, batch, **args)
     with policy.disable_adapter():                   # the copy folded the adapter in: it differs from the base
         assert decode(policy, batch, **args) != decode(fast, batch, **args)
+        assert decode(policy_copy(policy), batch, **args) == decode(policy, batch, **args)   # a copy made here: base

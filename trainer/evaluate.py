@@ -9,6 +9,7 @@ import torch
 
 from chat_app.chat import encode_prompt
 from chat_app.decoding import TOP_K, decode
+from chat_app.packed import policy_copy
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
 from trainer.ppo import forward_logprobs_values, pack_query_response
@@ -37,10 +38,11 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
                      top_k: int = TOP_K):
     """Sampled answers: (texts, prompt ids, answer ids, ended_with_eos), one entry per prompt."""
     prompt_ids = [encode_prompt(tokenizer, p, max_prompt_tokens)[0] for p in prompts]
+    sampler = policy_copy(model) or model     # CPU: the packed copy, its active adapter (or none) folded in
     answers, ended = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompt_ids[start:start + batch_size]
-        a, e = decode(model, chunk, max_new_tokens=[max_new_tokens] * len(chunk),
+        a, e = decode(sampler, chunk, max_new_tokens=[max_new_tokens] * len(chunk),
                       temperature=[temperature] * len(chunk), top_p=[top_p] * len(chunk),
                       seeds=[seed * 100003 + start + i for i in range(len(chunk))],
                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, top_k=top_k)
