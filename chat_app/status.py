@@ -14,7 +14,8 @@ def minutes_since(timestamp: str | None) -> float | None:
 def serving_summary(app) -> dict:
     """The serving version with the votes it was trained on and how long ago."""
     version = app.serving_version()
-    summary = {"version": version, "trained_on_votes": None, "trained_minutes_ago": None}
+    summary = {"version": version, "trained_on_votes": None, "trained_minutes_ago": None,
+               "weights": getattr(app.engine, "weights", None)}   # packed (CPU), model, or bf16
     if version != "base":
         row = app.store.version(version)
         run = app.store.run(row["run_id"]) if row and row.get("run_id") else None

@@ -32,6 +32,7 @@ def test_openai_client_gets_two_answers_and_can_vote(server, client):
     assert again.status_code == 409 and "already has a vote" in again.json()["error"]["message"]
     status = httpx.get(server + "/api/status").json()
     assert status["serving_version"] == "base" and status["votes"]["b"] >= 1
+    assert status["serving"]["weights"] == "packed"         # the CPU default: the packed fp32 serving copy
 
 
 def test_openai_client_streams_both_answers(server, client):
