@@ -128,6 +128,8 @@ class GenerationEngine:
         self.loaded_adapters: list[str] = []
         self.inbox: queue.Queue = queue.Queue()
         self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.draining: list[DecodeBatch] = []
+        """Batches of the previous versions, finishing their rows beside the new version's batch."""
         self.batches_run = 0
         """Admissions: groups of waiting requests prefilled into the running batch together."""
         self.requests_served = 0
@@ -170,10 +172,15 @@ class GenerationEngine:
 
     # the engine thread
     def _loop(self):
-        """Admit waiting requests between steps, step the batch, apply a swap once the batch has drained."""
+        """Admit waiting requests between steps, step the batches, apply swaps.
+
+        A swap to a copy built off-thread applies at once: rows in flight finish on their version's copy
+        (`draining`) while new requests start on the new one, so no one waits for a long answer to end. PEFT
+        adapters loaded in place share one model, so that swap waits for the batch to drain.
+        """
         waiting: deque = deque()
         while True:
-            idle = not len(self.batch) and not waiting
+            idle = not self._rows_in_flight() and not waiting
             try:
                 waiting.append(self.inbox.get(block=idle))
                 while True:
@@ -182,20 +189,24 @@ class GenerationEngine:
                 pass
             # requests ahead of a swap join the running batch; those behind it wait for the new version
             admitted = []
-            room = self.max_batch_requests * 2 - len(self.batch)
+            room = self.max_batch_requests * 2 - self._rows_in_flight()
             while waiting and isinstance(waiting[0], Request) and waiting[0].n <= room:
                 room -= waiting[0].n
                 admitted.append(waiting.popleft())
             if admitted:
                 self._admit(admitted)
-            if waiting and not isinstance(waiting[0], Request) and not len(self.batch):
-                item = waiting.popleft()
-                if item is None:
-                    return
-                self._apply_swap(item)
+            if waiting and waiting[0] is None and not self._rows_in_flight():
+                return
+            if (waiting and isinstance(waiting[0], Swap)
+                    and (waiting[0].prepared is not None or not len(self.batch))):
+                self._apply_swap(waiting.popleft())
                 continue
-            if len(self.batch):
-                self._step()
+            for batch in [b for b in (*self.draining, self.batch) if len(b)]:
+                self._step(batch)
+            self.draining = [b for b in self.draining if len(b)]
+
+    def _rows_in_flight(self) -> int:
+        return len(self.batch) + sum(len(b) for b in self.draining)
 
     def _admit(self, requests: list[Request]):
         """Encode the prompts (cutting long histories) and prefill them into the running batch."""
@@ -225,14 +236,15 @@ class GenerationEngine:
             for request in requests:
                 request.events.put(("error", f"generation failed: {error}"))
 
-    def _step(self):
+    def _step(self, batch: DecodeBatch):
         try:
             with self._serving_context():
-                emitted, ended = self.batch.step()
+                emitted, ended = batch.step()
         except Exception as error:   # fail what is in flight, keep the engine alive
             log.exception("decode step failed")
-            failed = {id(row.key[0]): row.key[0] for row in self.batch.rows}
-            self.batch = DecodeBatch(self.batch.model, self.batch.eos_id, self.batch.pad_id)
+            failed = {id(row.key[0]): row.key[0] for row in batch.rows}
+            batch.rows, batch.cache = [], None       # an empty batch: dropped or refilled by the next admission
+            batch.mask = batch.position = batch.logits = None
             for request in failed.values():
                 request.events.put(("error", f"generation failed: {error}"))
             return
@@ -311,6 +323,8 @@ class GenerationEngine:
                 self.model.eval()
             self.version = swap.version
             self._unload_old_adapters()
+            if len(self.batch):                      # a copy: its rows finish beside the new version
+                self.draining.append(self.batch)
             self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
             pause_ms = (time.perf_counter() - started) * 1000
             log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)

@@ -84,6 +84,26 @@ def test_a_swap_waits_for_the_batch_in_flight(engine, tmp_path, tiny_config):
     assert engine.submit(ask("third"), n=1, max_new_tokens=4).result().version == "base"
 
 
+def test_after_a_swap_new_requests_do_not_wait_for_a_long_answer_in_flight(engine, tmp_path, tiny_config):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_peft_model(load_model(tiny_config.model, engine.tokenizer),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "v1")
+    greedy = dict(n=1, temperature=0.0)
+    long = engine.submit(ask("a long answer"), max_new_tokens=400, ignore_eos=True, **greedy)
+    assert long.events.get(timeout=60)[0] == "token"              # decoding on the base
+    engine.swap(str(tmp_path / "v1"), "v1")
+    late = engine.submit(ask("a short one"), max_new_tokens=4, **greedy).result()
+    long_done = any(event[0] == "done" for event in list(long.events.queue))
+    assert late.version == "v1" and long.result().version == "base"
+    if engine.merge_adapters:       # separate copies: the old version's rows finish beside the new one
+        assert not long_done
+    alone = engine.submit(ask("a long answer"), max_new_tokens=400, ignore_eos=True, **greedy)
+    engine.swap(None, "base")
+    assert alone.result().version == "v1"
+
+
 def test_a_bad_adapter_is_refused_and_serving_goes_on(engine, tmp_path):
     with pytest.raises(RuntimeError, match="could not load"):
         engine.swap(str(tmp_path / "missing"), "v9")
