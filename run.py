@@ -11,6 +11,21 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def sizes(text: str) -> list[int]:
+    """'48,192' -> [48, 192]"""
+    return [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -36,8 +51,8 @@ def parse_args(argv=None):
                    help="a built-in simulated user (shorter, complete, concise) or module:function with "
                         "judge(prompt, answer_a, answer_b) -> 'a'|'b'|'tie'")
     p.add_argument("--prompts", help="JSONL with a prompt field, or plain lines (default: the seed prompts)")
-    p.add_argument("--votes", type=int, default=100, help="votes per cycle (default 100)")
-    p.add_argument("--cycles", type=int, default=1, help="rounds of votes + retraining (default 1)")
+    p.add_argument("--votes", type=positive_int, default=100, help="votes per cycle (default 100)")
+    p.add_argument("--cycles", type=positive_int, default=1, help="rounds of votes + retraining (default 1)")
     p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
     p = command("evaluate", "win rate of one policy against another, judged by an oracle")
     p.add_argument("--oracle", required=True, help="as for simulate")
@@ -47,12 +62,13 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=1, help="answers per prompt and policy")
     p = command("bench", "measure serving and training speed")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--ppo-batch", type=int, default=8)
-    p.add_argument("--response-length", type=int, default=48)
-    p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--rm-sizes", default="", help="comma-separated vote counts, e.g. 48,192: reward-model cost "
-                   "cold at each, and warm-started after --rm-new-votes more (off by default: minutes per size)")
-    p.add_argument("--rm-new-votes", type=int, default=32)
+    p.add_argument("--ppo-batch", type=positive_int, default=8, help="PPO rollouts per iteration (default 8)")
+    p.add_argument("--response-length", type=positive_int, default=48, help="tokens per rollout (default 48)")
+    p.add_argument("--iterations", type=positive_int, default=2, help="PPO iterations timed (default 2)")
+    p.add_argument("--rm-sizes", type=sizes, default=[], metavar="N,N",
+                   help="vote counts, e.g. 48,192: the reward model's cost cold at each, and warm-started after "
+                        "--rm-new-votes more (off by default; minutes per size on CPU)")
+    p.add_argument("--rm-new-votes", type=positive_int, default=32, help="new votes for the warm start (default 32)")
     p = command("export", "write the votes as JSONL preference pairs (prompt, chosen, rejected)")
     p.add_argument("--out", default="-", help="file, or - for stdout")
     command("prepare", "fetch and cache the model, create the database")
@@ -116,12 +132,10 @@ def main(argv=None):
     elif args.command == "bench":
         from chat_app.bench import bench
 
-        try:
-            sizes = [int(n) for n in args.rm_sizes.split(",") if n.strip()]
-        except ValueError:
-            parser.error(f"--rm-sizes: expected comma-separated integers, got {args.rm_sizes!r}")
+        if any(n < config.reward.min_pairs for n in args.rm_sizes):
+            sys.exit(f"run.py: --rm-sizes: each size must be at least reward.min_pairs ({config.reward.min_pairs})")
         bench(config, as_json=args.json, ppo_batch=args.ppo_batch, response_length=args.response_length,
-              iterations=args.iterations, rm_sizes=sizes, rm_new_votes=args.rm_new_votes)
+              iterations=args.iterations, rm_sizes=args.rm_sizes, rm_new_votes=args.rm_new_votes)
     elif args.command == "export":
         from chat_app.store import Store
 

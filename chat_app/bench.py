@@ -247,7 +247,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     results["one_pair"] = {**one, "plain_generate_ms_per_step": one_plain["ms_per_step"],
                            "ratio_to_plain": one["ms_per_step"] / one_plain["ms_per_step"]}
     say(f"one pair ({weights} engine): {one['ms_per_step']:.1f} ms/step vs plain generate {one_plain['ms_per_step']:.1f} "
-        f"({results['one_pair']['ratio_to_plain']:.2f}x), first token {one['first_token_ms']:.0f} ms")
+        f"({results['one_pair']['ratio_to_plain']:.2f}x the time per step), first token {one['first_token_ms']:.0f} ms")
     eight_plain = plain_generate(model, tokenizer, QUESTIONS, new_tokens)
     eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)
     one_at_a_time = engine_pairs(engine, QUESTIONS, new_tokens, together=False)
@@ -255,15 +255,17 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
                               "throughput_vs_one_at_a_time": eight["tokens_per_s"] / one_at_a_time["tokens_per_s"],
                               "plain_generate_tokens_per_s": eight_plain["tokens_per_s"]}
     say(f"8 users: {eight['tokens_per_s']:.0f} tok/s vs one at a time {one_at_a_time['tokens_per_s']:.0f} "
-        f"({results['eight_users']['throughput_vs_one_at_a_time']:.2f}x); plain generate of 16 sequences "
+        f"({results['eight_users']['throughput_vs_one_at_a_time']:.2f}x the throughput); plain generate of 16 sequences "
         f"{eight_plain['tokens_per_s']:.0f} tok/s; first token (median) {eight['first_token_ms']:.0f} ms")
 
     # 2. serving a LoRA adapter (the normal state after the first retrain), and the hot-swap to it
     with tempfile.TemporaryDirectory() as tmp:
         adapter = random_adapter(config.model, tokenizer, config.lora, Path(tmp) / "v1")
         results["hot_swap"] = hot_swap_under_load(engine, adapter, "v1", new_tokens=16)
-        say(f"hot-swap: serving paused {results['hot_swap']['pause_ms']:.0f} ms; "
-            f"{results['hot_swap']['requests_finished_during_swap']} requests finished during the swap call")
+        swap = results["hot_swap"]
+        say(f"hot-swap: the engine paused {swap['pause_ms']:.2f} ms; the swap call took {swap['swap_call_ms']:.0f} ms "
+            f"(building the new copy), {swap['requests_finished_during_swap']} requests finished meanwhile, "
+            f"{swap['requests_failed']} failed")
         lora_one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True)
         lora_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)
         results["with_lora"] = {"one_pair_ms_per_step": lora_one["ms_per_step"],
@@ -310,7 +312,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     # 4. training speed (in this process), then peak memory
     torch.set_num_threads(config.schedule.trainer_threads if device.type == "cpu" else torch.get_num_threads())
     results["training"] = bench_training(config, tokenizer, ppo_batch, response_length, iterations)
-    say(f"training: reward model {results['training']['rm_pairs_per_s']:.1f} pairs/s; PPO iteration "
+    say(f"training: reward model {results['training']['rm_pairs_per_s']:.1f} pairs/s (48 synthetic votes, 1 epoch); "
+        f"PPO iteration "
         f"{results['training']['ppo_iteration_s']:.1f} s (rollout {results['training']['ppo_rollout_s']:.1f} s, "
         f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
         f"{response_length} tokens; rollout generation {results['training']['rollout_generation_s']['packed']:.1f} s "
@@ -326,7 +329,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
                                  "serving_then_training": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
         results["peak_memory_mb"]["cuda"] = torch.cuda.max_memory_allocated() / 2**20
-    say(f"peak memory: {results['peak_memory_mb']}")
+    say("peak memory (resident): " + ", ".join(f"{name.replace('_', ' ')} {mb / 1024:.1f} GB"
+                                              for name, mb in results["peak_memory_mb"].items()))
     if as_json:
         print(json.dumps(results, indent=2))
     return results

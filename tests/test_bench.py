@@ -34,3 +34,12 @@ def test_bench_reports_every_figure_beside_its_baseline():
     assert scaling["warm"]["tokenized_pairs"] == 8                # only the new votes are read and tokenised
     assert scaling["warm"]["train_pairs"] < 24 - scaling["warm"]["heldout_pairs"]   # not everything again
     assert results["peak_memory_mb"]["serving_then_training"] >= results["peak_memory_mb"]["serving"] > 0
+
+
+def test_bad_bench_arguments_are_one_line_errors():
+    for args, message in ((["--rm-sizes", "abc"], "argument --rm-sizes: expected a whole number, got 'abc'"),
+                          (["--iterations", "-1"], "argument --iterations: must be at least 1, got -1"),
+                          (["--rm-sizes", "4"], "--rm-sizes: each size must be at least reward.min_pairs (8)")):
+        out = subprocess.run([sys.executable, str(ROOT / "run.py"), "bench", "--config", TINY, *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
