@@ -47,12 +47,13 @@ def serving_threads(config: Config, training: bool) -> int:
 
 
 def engine_weights(config: Config) -> str:
-    """Packed and bf16 copies are CPU paths; on CUDA the model serves as loaded (bf16, or 4-bit bitsandbytes)."""
+    """Packed and bf16 copies are CPU paths; on CUDA the model serves as loaded (bf16, or 4-bit bitsandbytes).
+    `auto` is resolved by the engine, from the loaded model (`engine.resolve_weights`)."""
     on_gpu = config.model.quantization != "none" or torch.cuda.is_available() and config.model.device != "cpu"
     if config.serve.weights in ("bf16", "packed") and on_gpu:
         log.warning("serve.weights=%s is for CPU serving; serving the model as loaded", config.serve.weights)
         return "model"
-    return "model" if config.serve.weights == "auto" and on_gpu else config.serve.weights
+    return config.serve.weights
 
 
 def build_app(config: Config, with_scheduler: bool = True) -> App:

@@ -70,10 +70,9 @@ def precision_quality(model, tokenizer, questions: list[str], new_tokens: int, w
     """How much the serving copy changes the model: per-token KL(loaded || copy) and argmax agreement on sampled
     answers."""
     from chat_app.decoding import decode
-    from chat_app.engine import merged_copy
-    from chat_app.packed import serving_copy
+    from chat_app.engine import serving_model
 
-    quantized = serving_copy(model) if weights == "packed" else merged_copy(model)
+    quantized = serving_model(model, weights)
     prompts = [encode_prompt(tokenizer, ask(q), 512)[0] for q in questions]
     answers, _ = decode(model, prompts, max_new_tokens=[new_tokens] * len(prompts), temperature=[0.7] * len(prompts),
                         top_p=[0.9] * len(prompts), seeds=list(range(len(prompts))), eos_id=tokenizer.eos_token_id,

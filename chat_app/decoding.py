@@ -90,6 +90,11 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def clear(self) -> None:
+        """No rows: the next `add` starts a fresh cache."""
+        self.rows = []
+        self.cache = self.mask = self.position = self.logits = None
+
     @torch.no_grad()
     def add(self, prompts: list[list[int]], rows: list[Row]) -> None:
         """Prefill the new rows' prompts and merge their cache into the batch's (left-padded to one width).
@@ -158,10 +163,10 @@ class DecodeBatch:
         """Drop the rows that ended, and the cache columns no remaining row uses."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.position = self.logits = None
+            self.clear()
             return
+        self.rows = [self.rows[i] for i in keep]
         index = torch.tensor(keep, device=self.device)
         self.mask, self.position, self.logits = self.mask[index], self.position[index], self.logits[index]
         first = int(self.mask.argmax(dim=1).min())          # the oldest column a remaining row still reads

@@ -95,6 +95,16 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
+def serving_model(base_model, weights: str, adapter_path: str | None = None):
+    """What serves a version when adapters are merged (`weights` resolved): built from the base, off the engine
+    thread. `model` with no adapter is the base itself."""
+    if weights == "packed":
+        return serving_copy(base_model, adapter_path)
+    if weights == "bf16":
+        return merged_copy(base_model, adapter_path, torch.bfloat16)
+    return base_model if adapter_path is None else merged_copy(base_model, adapter_path, None)
+
+
 WEIGHTS = ("auto", "model", "packed", "bf16")
 
 
@@ -119,7 +129,7 @@ class GenerationEngine:
         """Serve each version as a merged copy of the base (built off-thread); else load PEFT adapters in place."""
         self.base_model = model
         """The base as loaded; each version's merged copy is built from it."""
-        self.model = model if self.weights == "model" else self._serving_copy(None)
+        self.model = serving_model(model, self.weights)
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
         self.max_batch_requests = max_batch_requests
@@ -161,7 +171,7 @@ class GenerationEngine:
         swap = Swap(adapter_path, version)
         if self.merge_adapters:       # build the merged copy here, so serving pauses only for the switch
             try:
-                swap.prepared = self._serving_copy(adapter_path)
+                swap.prepared = serving_model(self.base_model, self.weights, adapter_path)
             except Exception as error:
                 raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
         self.inbox.put(swap)
@@ -243,8 +253,7 @@ class GenerationEngine:
         except Exception as error:   # fail what is in flight, keep the engine alive
             log.exception("decode step failed")
             failed = {id(row.key[0]): row.key[0] for row in batch.rows}
-            batch.rows, batch.cache = [], None       # an empty batch: dropped or refilled by the next admission
-            batch.mask = batch.position = batch.logits = None
+            batch.clear()                            # an empty batch: dropped or refilled by the next admission
             for request in failed.values():
                 request.events.put(("error", f"generation failed: {error}"))
             return
@@ -289,14 +298,6 @@ class GenerationEngine:
                         first_token_ms=(first - request.submitted_at) * 1000 if first else None)
         self.requests_served += 1
         request.events.put(("done", result))
-
-    def _serving_copy(self, adapter_path: str | None):
-        """What serves a version when adapters are merged: built from the base, outside the engine thread."""
-        if self.weights == "packed":
-            return serving_copy(self.base_model, adapter_path)
-        if self.weights == "bf16":
-            return merged_copy(self.base_model, adapter_path, torch.bfloat16)
-        return self.base_model if adapter_path is None else merged_copy(self.base_model, adapter_path, None)
 
     def _serving_context(self):
         """The base is served with the adapters switched off (they stay loaded for a quick switch back)."""

@@ -139,7 +139,6 @@ class PackedLlama(nn.Module):
         self.lm_head = _pack(w(model.lm_head))
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
-        self._device = self.embed.device
 
     def parameters(self, recurse: bool = True):   # what callers read the device and dtype from
         yield self.embed

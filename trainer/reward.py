@@ -146,17 +146,15 @@ class RewardModel:
         chosen, rejected = [], []
         for pair in pairs:
             key = pair.get("comparison_id")
-            if key is None or key not in self.pair_tokens:
+            ids = self.pair_tokens.get(key) if key is not None else None
+            if ids is None:
                 ids = (encode_pair_text(self.tokenizer, pair["prompt_messages"], pair["chosen"], self.max_length),
                        encode_pair_text(self.tokenizer, pair["prompt_messages"], pair["rejected"], self.max_length))
                 self.tokenized += 1
-                if key is None:
-                    chosen.append(ids[0])
-                    rejected.append(ids[1])
-                    continue
-                self.pair_tokens[key] = ids
-            chosen.append(self.pair_tokens[key][0])
-            rejected.append(self.pair_tokens[key][1])
+                if key is not None:
+                    self.pair_tokens[key] = ids
+            chosen.append(ids[0])
+            rejected.append(ids[1])
         return chosen, rejected
 
     def score_ids(self, sequences: list[list[int]]) -> Tensor:
