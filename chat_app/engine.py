@@ -15,7 +15,7 @@ import torch
 
 from chat_app.chat import encode_prompt
 from chat_app.decoding import DecodeBatch, Row
-from chat_app.packed import available as packed_available, serving_copy
+from chat_app.packed import adapter_deltas, available as packed_available, delta_weight, serving_copy
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,12 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
     import copy
 
     model = copy.deepcopy(base_model)
-    if adapter_path is not None:
+    deltas = adapter_deltas(model, adapter_path) if adapter_path is not None else None
+    if deltas is not None:                     # plain LoRA: add scaling·B·A to each weight, no PEFT model needed
+        with torch.no_grad():
+            for module, factors in deltas.items():
+                module.weight.add_(delta_weight(factors, module.weight))
+    elif adapter_path is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_path).merge_and_unload()

@@ -14,7 +14,9 @@ A packed copy serves inference only; the base model stays as loaded for training
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -106,12 +108,65 @@ def _effective_weight(linear: nn.Module) -> torch.Tensor:
     return weight
 
 
+_PLAIN_LORA_OFF = ("use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
+                   "trainable_token_indices", "layers_to_transform", "use_qalora", "use_bdlora", "target_parameters")
+
+
+@torch.no_grad()
+def adapter_deltas(model: nn.Module, adapter_path: str | Path) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None:
+    """What merging a saved LoRA adapter adds to each linear layer's weight, read straight from its files, as the
+    factors (scaling·B, A) of the delta: a swap then needs no copy of the base model (540 MB for SmolLM2), no PEFT
+    model around it, and builds one layer's delta at a time (`delta_weight`).
+
+    None where the adapter is not plain LoRA on `nn.Linear` layers of `model` (DoRA, per-layer ranks, extra saved
+    modules, other files): merge through PEFT then.
+    """
+    folder = Path(adapter_path)
+    if not (folder / "adapter_model.safetensors").exists() or not (folder / "adapter_config.json").exists():
+        return None
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA" or any(config.get(key) for key in _PLAIN_LORA_OFF):
+        return None
+    from safetensors.torch import load_file
+
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (r ** 0.5 if config.get("use_rslora") else r)
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    names = {key[:-len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")}
+    if not names or len(tensors) != 2 * len(names) or not all(n.startswith(prefix) for n in names):
+        return None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    shared = embeddings.weight if embeddings is not None else None
+    deltas = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name[len(prefix):])
+        except AttributeError:
+            return None
+        lora_a, lora_b = tensors.get(name + ".lora_A.weight"), tensors.get(name + ".lora_B.weight")
+        if type(module) is not nn.Linear or lora_b is None or module.weight is shared:
+            return None                                                 # a tied lm_head: PEFT changes both
+        if (lora_b.shape[0], lora_a.shape[1]) != module.weight.shape or lora_b.shape[1] != lora_a.shape[0]:
+            return None
+        weight = module.weight
+        deltas[module] = ((lora_b.float() * scaling).to(weight.device), lora_a.float().to(weight.device))
+    return deltas
+
+
+def delta_weight(factors: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """scaling·B·A (PEFT's `get_delta_weight` for `nn.Linear`) in `like`'s dtype."""
+    scaled_b, a = factors
+    return (scaled_b @ a).to(like.dtype)
+
+
 class PackedLlama(nn.Module):
     """Inference-only `LlamaForCausalLM` over packed weights, called the way `DecodeBatch` calls a HF model."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module):
-        """`model`: a `LlamaForCausalLM`, possibly with PEFT LoRA layers inside (their active adapters are folded in)."""
+    def __init__(self, model: nn.Module, deltas: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`model`: a `LlamaForCausalLM`, possibly with PEFT LoRA layers inside (their active adapters are folded in);
+        `deltas`: weight changes to fold in as well (`adapter_deltas`), keyed by the layer of `model`."""
         super().__init__()
         config = model.config
         self.config = config
@@ -124,7 +179,12 @@ class PackedLlama(nn.Module):
         self.inv_freq = inner.rotary_emb.inv_freq.detach().float()
         self.rope_scale = float(getattr(inner.rotary_emb, "attention_scaling", 1.0))
         self.layers = []
-        w = _effective_weight
+        deltas = deltas or {}
+
+        def w(linear: nn.Module) -> torch.Tensor:
+            weight = _effective_weight(linear)
+            return weight + delta_weight(deltas[linear], weight) if linear in deltas else weight
+
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append((
@@ -206,8 +266,10 @@ def serving_copy(model: nn.Module, adapter_path: str | None = None) -> nn.Module
     """The packed inference copy of `model` with a LoRA adapter merged in: `PackedLlama` for Llamas."""
     if not available(model):
         raise ValueError("packed weights need an fp32 model on CPU and a torch built with oneDNN")
-    if adapter_path is None and is_plain_llama(model):
-        return PackedLlama(model)     # reads the weights; no copy of the model needed
+    if is_plain_llama(model):
+        deltas = None if adapter_path is None else adapter_deltas(model, adapter_path)
+        if adapter_path is None or deltas is not None:
+            return PackedLlama(model, deltas)     # reads the base's weights, adds the deltas: no copy of the model
     work = copy.deepcopy(model)
     if adapter_path is not None:
         from peft import PeftModel

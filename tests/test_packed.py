@@ -6,7 +6,7 @@ from chat_app.chat import encode_prompt
 from chat_app.config import ConfigError, load_config
 from chat_app.decoding import decode, left_pad, sample_tokens
 from chat_app.model import load_model
-from chat_app.packed import PackedLlama, pack_linears, serving_copy
+from chat_app.packed import PackedLlama, adapter_deltas, pack_linears, serving_copy
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
 
@@ -44,19 +44,25 @@ def test_packed_decode_gives_the_models_answers(tiny_config, tokenizer):
     assert decode(serving_copy(model), batch, **sampled) == decode(model, batch, **sampled)
 
 
-def test_a_merged_adapter_and_the_generic_packing_match_peft(tiny_config, tokenizer, tmp_path):
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_a_merged_adapter_and_the_generic_packing_match_peft(tiny_config, tokenizer, tmp_path, variant):
     from peft import LoraConfig, get_peft_model
 
     adapter = get_peft_model(load_model(tiny_config.model, tokenizer),
-                             LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                        init_lora_weights=False))
+                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        init_lora_weights=False, use_rslora=variant == "rslora",
+                                        use_dora=variant == "dora"))
     adapter.save_pretrained(tmp_path / "v1")
     base = load_model(tiny_config.model, tokenizer)
+    before = {name: p.clone() for name, p in base.named_parameters()}
+    # plain LoRA is merged from the adapter's files without a copy of the base; DoRA goes through PEFT
+    assert (adapter_deltas(base, tmp_path / "v1") is None) == (variant == "dora")
     batch = prompts(tokenizer, "merged or not?", "and a second, longer row of text")
     expected, mask = padded_logits(adapter, batch, tokenizer.pad_token_id)
     got, _ = padded_logits(serving_copy(base, str(tmp_path / "v1")), batch, tokenizer.pad_token_id)
     real = mask.bool()
     assert torch.allclose(got[real], expected[real], atol=1e-4)
+    assert all(torch.equal(p, before[name]) for name, p in base.named_parameters())   # the base is untouched
     base_expected, _ = padded_logits(base, batch, tokenizer.pad_token_id)
     assert not torch.allclose(got[real], base_expected[real], atol=1e-3)   # the adapter did change something
     import copy
