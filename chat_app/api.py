@@ -8,6 +8,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from chat_app.app import App
@@ -209,6 +210,19 @@ def register_api(api: FastAPI, app: App) -> None:
         return "ok"
 
     register_operator_api(api, app)
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+    @api.api_route("/v1/{rest:path}", methods=methods, include_in_schema=False)
+    @api.api_route("/api/{rest:path}", methods=methods, include_in_schema=False)
+    async def unknown(request: Request, rest: str):
+        """Our paths answer in our error shape; without this the Gradio mount at "/" says {"detail": "Not Found"}."""
+        path = request.url.path
+        allowed = sorted({m for route in api.routes if isinstance(route, APIRoute) and route.path == path
+                          for m in route.methods} - {"HEAD"})
+        if allowed:
+            raise ApiError(405, f"{path} takes {' or '.join(allowed)}, not {request.method}")
+        raise ApiError(404, f"no endpoint {path}; see /api/docs", kind="not_found_error")
 
 
 def check_operator(app: App, request: Request) -> str:

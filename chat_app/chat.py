@@ -40,6 +40,8 @@ def clean_messages(messages) -> list[dict]:
         cleaned.append({"role": role, "content": flatten_content(message.get("content"))})
     if cleaned[-1]["role"] != "user":
         raise ChatInputError("the last message must have role 'user'")
+    if not cleaned[-1]["content"].strip():   # a pair for nothing would be voted on and trained on
+        raise ChatInputError("the last user message is empty")
     return cleaned
 
 

@@ -60,9 +60,12 @@ def votes_over_time(vote_times: list[str]) -> Figure:
     axes.set_ylabel("votes (cumulative)")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    locator = mdates.AutoDateLocator()
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
     axes.xaxis.set_major_locator(locator)
-    axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    # seconds as "02:59:30", not a bare "30" between minute ticks (the default when votes span a few minutes)
+    axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(
+        locator, formats=["%Y", "%b", "%d", "%H:%M", "%H:%M", "%H:%M:%S"],
+        zero_formats=["", "%Y", "%b", "%b-%d", "%H:%M", "%H:%M"]))
     return figure
 
 

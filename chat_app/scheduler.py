@@ -50,9 +50,11 @@ def should_retrain(*, enabled: bool, is_running: bool, new_votes: int, min_new_v
 def serve_version(app, version: str, actor: str | None, action: str = "serve") -> float:
     """Serve a kept version (or `base`, or `latest`) now; returns the pause in ms. Rejected ones stay rejected."""
     if version == "latest":
-        kept = [v for v in app.store.versions() if v["status"] in ("serving", "retired")]
+        versions = app.store.versions()
+        kept = [v for v in versions if v["status"] in ("serving", "retired")]
         if not kept:
-            raise OperatorError("no trained version has been served yet", 404)
+            raise OperatorError("no version has passed the gate yet" if versions else
+                                "no version has been trained yet", 404)
         version = kept[-1]["id"]
     if version == "base":
         pause_ms = app.engine.swap(None, "base")
@@ -141,8 +143,10 @@ class RetrainScheduler:
                 self.app.store.finish_run(run["id"], "failed", error="the server stopped while this run was going")
 
     def new_votes(self) -> int:
-        last = self.app.store.runs(limit=1)
-        return self.app.store.votes_since(last[0]["started_at"] if last else None)
+        """Votes since the last run that read them: a run skipped for too few pairs trained on nothing, so its
+        votes still count towards the next one."""
+        last = self.app.store.last_run(("running", "succeeded", "rejected", "failed"))
+        return self.app.store.votes_since(last["started_at"] if last else None)
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None

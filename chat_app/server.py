@@ -35,6 +35,11 @@ def serve(app: App, with_ui: bool = True) -> None:
                     app.config.serve.operator_password_env)
     log.info("serving %s on http://%s:%d (API: /v1/chat/completions, /v1/feedback, /api/status)",
              app.serving_version(), host, port)
+    if app.scheduler is not None:
+        s = app.scheduler.settings
+        log.info("retraining %s: a check every %g min starts a run when >= %d new votes",
+                 "scheduled" if s["enabled"] else "PAUSED (resume it from the operator console)",
+                 s["retrain_every_minutes"], s["min_new_votes"])
     try:
         uvicorn.run(create_web_app(app, with_ui), host=host, port=port, log_level="warning")
     finally:

@@ -296,7 +296,11 @@ class Store:
     def runs(self, limit: int = 50) -> list[dict]:
         return [_decode_run(r) for r in self._rows("SELECT * FROM training_runs ORDER BY id DESC LIMIT ?", [limit])]
 
-    def last_finished_run(self, statuses=("succeeded", "rejected", "skipped", "failed")) -> dict | None:
+    def last_finished_run(self) -> dict | None:
+        return self.last_run(("succeeded", "rejected", "skipped", "failed"))
+
+    def last_run(self, statuses: tuple[str, ...]) -> dict | None:
+        """The newest run with one of these statuses."""
         marks = ", ".join("?" for _ in statuses)
         row = self._one(f"SELECT * FROM training_runs WHERE status IN ({marks}) ORDER BY id DESC LIMIT 1",
                         list(statuses))

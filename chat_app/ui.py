@@ -34,6 +34,7 @@ CSS = """
 """
 WAITING = "*…*"
 SERVING_REFRESH_S = 10
+PAUSE, RESUME = "Pause schedule", "Resume schedule"
 OPERATOR_REFRESH_S = 2
 
 
@@ -74,7 +75,7 @@ def build_chat_tab(app) -> gr.Blocks:
         truncated = gr.Markdown(elem_id="truncation-notice")
         with gr.Row():
             box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="msg-box",
-                             scale=6, max_lines=8, autofocus=True)
+                             scale=6, max_lines=8, autofocus=True, min_width=280)
             send = gr.Button("Send", variant="primary", elem_id="send-btn", scale=1)
         with gr.Row():
             regenerate = gr.Button("Regenerate", elem_id="regenerate-btn", size="sm")
@@ -122,7 +123,10 @@ def build_chat_tab(app) -> gr.Blocks:
             turn = state["turn"]
             with claim:
                 if turn is None or turn["stage"] != "queued":
-                    return  # this click was refused, or another event already streams the turn
+                    # this click was refused, or another event already streams the turn. Say "no change":
+                    # a step that yields nothing sets every output to empty (Gradio 6), blanking the page
+                    yield {notice: gr.skip()}
+                    return
                 turn["stage"] = "streaming"
             try:
                 comparison_id, request = start_pair(
@@ -273,7 +277,7 @@ def progress_text(runs: list[dict]) -> str:
         filled = round(20 * min(step / steps, 1.0))
         line += f" · `{'█' * filled}{'░' * (20 - filled)}` step {step}/{steps}"
     values = [f"{key} {value:.4g}" for key, value in progress.items()
-              if key not in ("stage", "step", "steps") and isinstance(value, (int, float))]
+              if key not in ("stage", "step", "steps", "updated_at") and isinstance(value, (int, float))]
     return line + ("\n\n" + " · ".join(values) if values else "")
 
 
@@ -307,16 +311,16 @@ def build_operator_tab(app) -> gr.Blocks:
         op_message = gr.Markdown(elem_id="op-message")
         timer = gr.Timer(OPERATOR_REFRESH_S, active=False)
         drawn_for = gr.State(None)  # data the plots and tables were last drawn for
+        schedule_shown = gr.State(None)  # the schedule values last written into the fields
         with gr.Column(visible=False, elem_id="op-console") as console:
             gr.Markdown("### Retrain schedule")
             with gr.Column(visible=app.scheduler is not None):  # a server started without one has no controls
                 with gr.Row():
-                    enabled = gr.Checkbox(label="Scheduled retraining enabled", elem_id="op-enabled")
                     every = gr.Number(label="Check every N minutes", elem_id="op-every")
                     min_votes = gr.Number(label="Minimum new votes", precision=0, elem_id="op-min-votes")
                 with gr.Row():
                     save = gr.Button("Save schedule", elem_id="op-save")
-                    pause = gr.Button("Pause", elem_id="op-pause")
+                    pause = gr.Button("Pause schedule", elem_id="op-pause")
                     run_now = gr.Button("Run now", variant="primary", elem_id="op-run-now")
             schedule_md = gr.Markdown(elem_id="op-schedule")
             op_action = gr.Markdown(elem_id="op-action")
@@ -339,17 +343,23 @@ def build_operator_tab(app) -> gr.Blocks:
         def locked(problem: str) -> dict:
             return {op_message: problem, console: gr.Column(visible=False), timer: gr.Timer(active=False)}
 
-        def schedule_fields() -> dict:
+        def schedule_fields(shown=None) -> dict:
+            """The schedule line and the Pause/Resume label as the server has them (changes through the API or
+            the CLI show up too); the number fields only when the server's values changed since they were
+            written, so a refresh does not undo an operator's unsaved typing."""
             if app.scheduler is None:
                 return {schedule_md: schedule_text(app)}
             s = app.scheduler.schedule()
-            return {enabled: s["enabled"], every: s["retrain_every_minutes"], min_votes: s["min_new_votes"],
-                    pause: gr.Button("Pause" if s["enabled"] else "Resume"), schedule_md: schedule_text(app)}
+            updates = {pause: gr.Button(PAUSE if s["enabled"] else RESUME), schedule_md: schedule_text(app)}
+            values = [s["retrain_every_minutes"], s["min_new_votes"]]
+            if values != shown:
+                updates.update({every: values[0], min_votes: values[1], schedule_shown: values})
+            return updates
 
-        def live(drawn) -> dict:
+        def live(drawn, shown) -> dict:
             """Cheap refresh for the timer; plots and the versions table only when their data changed."""
             runs, versions = app.store.runs(limit=50), app.store.versions()
-            updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), schedule_md: schedule_text(app)}
+            updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), **schedule_fields(shown)}
             signature = [app.store.vote_counts()["total"], [(v["id"], v["status"]) for v in versions],
                          app.serving_version()]
             if signature != drawn:
@@ -371,51 +381,52 @@ def build_operator_tab(app) -> gr.Blocks:
 
         def open_console():
             return {op_message: f"Unlocked. Serving **{app.serving_version()}**.", console: gr.Column(visible=True),
-                    timer: gr.Timer(active=True), **schedule_fields(), **live(None)}
+                    timer: gr.Timer(active=True), **live(None, None)}
 
-        def save_schedule(is_enabled, minutes, votes):
+        def save_schedule(minutes, votes):
             if app.scheduler is None:
                 return {op_action: schedule_text(app)}
             try:
-                changes = {"enabled": bool(is_enabled), "retrain_every_minutes": float(minutes or 0),
-                           "min_new_votes": int(votes or 0)}
+                changes = {"retrain_every_minutes": float(minutes or 0), "min_new_votes": int(votes or 0)}
                 app.scheduler.update_schedule(changes, actor="operator")
             except OperatorError as error:
                 return {op_action: f"⚠️ {error}"}
             return {op_action: "Schedule saved.", **schedule_fields()}
 
-        def toggle_pause():
+        def pause_or_resume(label: str):
+            """Does what the button said when it was clicked, whatever changed on the server meanwhile."""
             if app.scheduler is None:
                 return {op_action: schedule_text(app)}
-            now_enabled = not app.scheduler.schedule()["enabled"]
-            app.scheduler.update_schedule({"enabled": now_enabled}, actor="operator")
-            return {op_action: "Schedule resumed." if now_enabled else "Schedule paused.", **schedule_fields()}
+            resume = label == RESUME
+            app.scheduler.update_schedule({"enabled": resume}, actor="operator")
+            return {op_action: "Schedule resumed." if resume else "Schedule paused.", **schedule_fields()}
 
-        def start_run(drawn):
+        def start_run(drawn, shown):
             if app.scheduler is None:
                 return {op_action: schedule_text(app)}
             started, message = app.scheduler.run_now(actor="operator")
-            return {op_action: ("▶️ " if started else "⚠️ Not started: ") + message, **live(drawn)}
+            return {op_action: ("▶️ " if started else "⚠️ Not started: ") + message, **live(drawn, shown)}
 
-        def serve_picked(version, drawn):
+        def serve_picked(version, drawn, shown):
             try:
                 pause_ms = serve_version(app, version or "base", actor="operator")
             except OperatorError as error:
                 return {op_action: f"⚠️ {error}"}
             return {op_action: f"Now serving **{app.serving_version()}** (serving paused {pause_ms:.0f} ms).",
-                    **live(drawn)}
+                    **live(drawn, shown)}
 
-        every_output = [op_message, console, timer, drawn_for, enabled, every, min_votes, pause, schedule_md,
+        every_output = [op_message, console, timer, drawn_for, schedule_shown, every, min_votes, pause, schedule_md,
                         op_action, progress_md, votes_plot, accuracy_plot, reward_plot, win_plot, versions_df,
                         version_pick, runs_df, export]
         quiet = {"concurrency_limit": None, "show_progress": "hidden"}
         gr.on(triggers=[unlock.click, password.submit], fn=guarded(open_console), inputs=[password],
               outputs=every_output, **quiet)
-        save.click(guarded(save_schedule), [password, enabled, every, min_votes], every_output, **quiet)
-        pause.click(guarded(toggle_pause), [password], every_output, **quiet)
-        run_now.click(guarded(start_run), [password, drawn_for], every_output, **quiet)
-        serve_button.click(guarded(serve_picked), [password, version_pick, drawn_for], every_output, **quiet)
-        timer.tick(guarded(live), [password, drawn_for], every_output, **quiet)
+        save.click(guarded(save_schedule), [password, every, min_votes], every_output, **quiet)
+        pause.click(guarded(pause_or_resume), [password, pause], every_output, **quiet)
+        run_now.click(guarded(start_run), [password, drawn_for, schedule_shown], every_output, **quiet)
+        serve_button.click(guarded(serve_picked), [password, version_pick, drawn_for, schedule_shown], every_output,
+                           **quiet)
+        timer.tick(guarded(live), [password, drawn_for, schedule_shown], every_output, **quiet)
     return tab
 
 

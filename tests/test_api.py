@@ -62,6 +62,7 @@ def test_single_answer_and_models(server, client):
     (b"{not json", 400, "not valid JSON"),
     (b'{"messages": []}', 400, "non-empty list"),
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role must be one of"),
+    (b'{"messages": [{"role": "user", "content": "  "}]}', 400, "last user message is empty"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', 400, "n must be 1 or 2"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature must be"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens must be between"),
@@ -81,6 +82,16 @@ def test_bad_votes_get_a_clear_4xx_and_the_server_stays_up(server, body, status,
     reply = httpx.post(server + "/v1/feedback", json=body)
     assert reply.status_code == status and words in reply.json()["error"]["message"]
     assert httpx.get(server + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, status, words", [
+    ("POST", "/api/operator/schedule", 405, "takes GET or PUT, not POST"),
+    ("GET", "/v1/chat/completions", 405, "takes POST"),
+    ("GET", "/v1/embeddings", 404, "no endpoint /v1/embeddings"),
+    ("DELETE", "/api/nothing/here", 404, "no endpoint")])
+def test_a_wrong_method_or_path_gets_our_error_shape(server, method, path, status, words):
+    response = httpx.request(method, server + path)
+    assert response.status_code == status and words in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/api/operator/retrain"), ("POST", "/api/operator/serve"),

@@ -41,7 +41,10 @@ def test_new_votes_count_from_the_last_run_and_settings_survive_a_restart(app):
         scheduler.update_schedule({"min_new_votes": 2, "retrain_every_minutes": 0.5, "enabled": False})
         job = scheduler.scheduler.get_job("retrain")
         assert job.trigger.interval.total_seconds() == 30 and job.next_run_time is None   # paused
-        app.store.start_run("earlier")                          # votes before a run no longer count
+        skipped = app.store.start_run("earlier")                # a run that found too few pairs trained nothing:
+        app.store.finish_run(skipped, "skipped", error="skipped: 3 pairs, need 16")
+        assert scheduler.new_votes() == 3                       # its votes still count
+        app.store.start_run("earlier")                          # votes before a run that read them no longer count
         assert scheduler.new_votes() == 0
     finally:
         scheduler.shutdown()
@@ -108,3 +111,13 @@ def test_a_swap_while_requests_stream_fails_none_and_mixes_no_versions(app, tmp_
     for result in results:
         assert result.texts[0] == expected[result.version]
     assert pause_ms < 10_000
+
+
+def test_the_progress_line_shows_the_stage_and_losses_not_its_timestamp():
+    from chat_app.ui import progress_text
+
+    runs = [{"id": 3, "status": "running", "trigger": "operator", "started_at": "2026-11-23T03:00:00",
+             "progress": {"stage": "ppo", "step": 5, "steps": 10, "ppo/loss": 0.25, "updated_at": 1.795e9}}]
+    text = progress_text(runs)
+    assert "stage **ppo**" in text and "step 5/10" in text and "ppo/loss 0.25" in text
+    assert "updated_at" not in text

@@ -43,8 +43,9 @@ def server(tmp_path_factory):
     from chat_app.server import create_web_app
 
     tmp = tmp_path_factory.mktemp("ui")
-    app = build_app(load_config(TINY, [f"serve.db_path={tmp / 'f.db'}", f"serve.adapters_dir={tmp / 'adapters'}"]),
-                    with_scheduler=False)
+    app = build_app(load_config(TINY, [f"serve.db_path={tmp / 'f.db'}", f"serve.adapters_dir={tmp / 'adapters'}",
+                                       "schedule.retrain_every_minutes=600", "schedule.min_new_votes=1000"]))
+    # a real scheduler for the operator's controls, set so that it never starts a run by itself here
     port = free_port()
     web = uvicorn.Server(uvicorn.Config(create_web_app(app), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, name="uvicorn", daemon=True)
@@ -118,6 +119,43 @@ def test_chat_streams_two_answers_and_records_the_vote(server, page):
     expect(page.locator("#serving-line")).to_contain_text("1 vote so far")
 
 
+def test_a_refused_send_or_regenerate_leaves_the_page_as_it_was(server, page):
+    from chat_app.chat import VOTE_LABELS
+
+    vote_buttons = {c: page.locator(f"#vote-{c}") for c in ("a", "b", "tie", "both_bad")}
+    box = page.locator("#msg-box textarea")
+
+    def labels_intact():
+        for choice, button in vote_buttons.items():
+            expect(button).to_have_text(VOTE_LABELS[choice])
+
+    page.locator("#regenerate-btn").click()                 # nothing to regenerate yet
+    expect(page.locator("#vote-status")).to_contain_text("Nothing to regenerate")
+    page.locator("#send-btn").click()                        # an empty message
+    expect(page.locator("#vote-status")).to_contain_text("Type a message first")
+    page.wait_for_timeout(1500)                              # the chained stream step has run by now
+    expect(page.locator("#vote-status")).to_contain_text("Type a message first")
+    labels_intact()
+
+    box.fill("first question")
+    box.press("Enter")
+    expect(vote_buttons["a"]).to_be_enabled(timeout=WAIT_MS)
+    answer_a = page.locator("#answer-a").inner_text()
+    box.fill("a second question before voting")
+    box.press("Enter")
+    expect(page.locator("#vote-status")).to_contain_text("Pick the better answer")
+    page.wait_for_timeout(1500)
+    expect(page.locator("#vote-status")).to_contain_text("Pick the better answer")
+    expect(box).to_have_value("a second question before voting")   # the typed message is not lost
+    assert page.locator("#answer-a").inner_text() == answer_a      # the pair is still there to vote on
+    expect(page.locator("#conversation .message-row")).to_have_count(1)
+    labels_intact()
+    for button in vote_buttons.values():
+        expect(button).to_be_enabled()
+    vote_buttons["b"].click()
+    expect(page.locator("#vote-status")).to_contain_text("Vote recorded: B is better")
+
+
 def test_engine_error_is_shown_and_regenerate_retries(server, page, monkeypatch):
     from chat_app.engine import Request
 
@@ -162,7 +200,7 @@ def test_operator_console_needs_the_password(server, page, monkeypatch):
     password.press("Enter")
     expect(page.locator("#op-console")).to_be_visible()
     expect(page.locator("#op-message")).to_contain_text("Unlocked")
-    expect(page.locator("#op-schedule")).to_contain_text("not running")
+    expect(page.locator("#op-schedule")).to_contain_text("Schedule enabled: every 600 min when ≥ 1000 new votes")
     expect(page.locator("#op-progress")).to_contain_text("No training run")
 
     with page.expect_download() as download:  # the export holds every A/B vote as a JSONL row
@@ -175,3 +213,34 @@ def test_operator_console_needs_the_password(server, page, monkeypatch):
     page.locator("#op-serve").click()
     expect(page.locator("#op-message")).to_contain_text("Wrong password")
     expect(page.locator("#op-console")).to_be_hidden()
+
+
+def test_the_schedule_controls_follow_the_server_and_do_what_they_say(server, page, monkeypatch):
+    app, _ = server
+    monkeypatch.setenv("OPERATOR_PASSWORD", PASSWORD)
+    page.get_by_role("tab", name="Operator").click()
+    page.locator("#op-password input").fill(PASSWORD)
+    page.locator("#op-unlock").click()
+    pause, line = page.locator("#op-pause"), page.locator("#op-schedule")
+    expect(pause).to_have_text("Pause schedule")
+    try:
+        app.scheduler.update_schedule({"enabled": False, "min_new_votes": 999}, actor="api")   # elsewhere
+        expect(pause).to_have_text("Resume schedule", timeout=10_000)     # the console's refresh shows it
+        expect(line).to_contain_text("paused")
+        expect(page.locator("#op-min-votes input")).to_have_value("999")
+        page.locator("#op-every input").fill("45")                         # typing survives the refreshes
+        page.wait_for_timeout(2500)
+        expect(page.locator("#op-every input")).to_have_value("45")
+        page.locator("#op-save").click()
+        expect(page.locator("#op-action")).to_contain_text("Schedule saved")
+        assert app.scheduler.settings["retrain_every_minutes"] == 45 and app.scheduler.settings["enabled"] is False
+
+        pause.click()                                                      # "Resume schedule" resumes
+        expect(page.locator("#op-action")).to_contain_text("Schedule resumed")
+        expect(pause).to_have_text("Pause schedule")
+        assert app.scheduler.settings["enabled"] is True
+        pause.click()
+        expect(page.locator("#op-action")).to_contain_text("Schedule paused")
+        assert app.scheduler.settings["enabled"] is False
+    finally:
+        app.scheduler.update_schedule({"enabled": True, "retrain_every_minutes": 600, "min_new_votes": 1000})
