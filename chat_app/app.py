@@ -56,6 +56,12 @@ def engine_weights(config: Config) -> str:
     return config.serve.weights
 
 
+def engine_merges(config: Config) -> bool:
+    """Merge adapters into a serving copy, except over a quantized base: merging into 4-bit weights requantizes
+    them (a slightly different function from the adapter that was trained and gated), so LoRA serves unmerged."""
+    return config.serve.merge_adapters and config.model.quantization == "none"
+
+
 def build_app(config: Config, with_scheduler: bool = True) -> App:
     """Open the store, load the model, start the engine on the version the store says is serving."""
     torch.set_num_threads(serving_threads(config, training=False))
@@ -65,8 +71,7 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=config.serve.max_batch_requests,
                               kept_adapters=config.serve.kept_adapters, weights=engine_weights(config),
-                              merge_adapters=config.serve.merge_adapters and config.model.quantization == "none"
-                              ).start()
+                              merge_adapters=engine_merges(config)).start()
     serving = store.serving_version()
     if serving is not None:
         try:

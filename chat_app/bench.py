@@ -163,11 +163,12 @@ def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iter
     metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts],
                         lambda prompts, answers: torch.tensor([-len(a) / 100 for a in answers]), cfg)
     # the rollout's generation alone, through the packed copy (what train_ppo used on CPU) and through the HF model
+    from chat_app.packed import policy_copy
     from trainer.ppo import rollout
 
     rollout_prompts = [encode_prompt(tokenizer, as_messages(p), 512)[0] for p in prompts[:ppo_batch]]
     generation = {}
-    for fast in (True, False):
+    for fast in (True, False) if policy_copy(policy) is not None else (False,):   # no packed copy of a 4-bit base
         cfg.fast_rollouts = fast
         started = time.perf_counter()
         rollout(policy, tokenizer, rollout_prompts, cfg, seed=0)
@@ -231,12 +232,16 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     device = next(model.parameters()).device
     results["device"] = str(device)
     say = (lambda *a: None) if as_json else (lambda *a: print(*a, flush=True))
-    from chat_app.app import engine_weights
+    from chat_app.app import engine_merges, engine_weights
 
     weights = resolve_weights(engine_weights(config), model)
     results["engine_weights"] = weights
+    results["quantization"] = config.model.quantization
+    results["model_memory_mb"] = model.get_memory_footprint() / 2**20
+    say(f"model: {config.model.name}, {config.model.quantization if config.model.quantization != 'none' else 'no'} "
+        f"quantization, {results['model_memory_mb']:.0f} MB of weights on {device}; serving through {weights}")
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
-                              max_batch_requests=8, weights=weights).start()
+                              max_batch_requests=8, weights=weights, merge_adapters=engine_merges(config)).start()
     engine_pairs(engine, QUESTIONS[:1], 4, together=True)        # warm-up
     plain_generate(model, tokenizer, QUESTIONS[:1], 4)
 
@@ -263,7 +268,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         results["hot_swap"] = hot_swap_under_load(engine, adapter, "v1", new_tokens=16)
         swap = results["hot_swap"]
         say(f"hot-swap: the engine paused {swap['pause_ms']:.2f} ms; the swap call took {swap['swap_call_ms']:.0f} ms "
-            f"(building the new copy), {swap['requests_finished_during_swap']} requests finished meanwhile, "
+            f"(loading the adapter, and building the copy that serves it), {swap['requests_finished_during_swap']} requests finished meanwhile, "
             f"{swap['requests_failed']} failed")
         lora_one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True)
         lora_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True)
@@ -315,8 +320,9 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         f"PPO iteration "
         f"{results['training']['ppo_iteration_s']:.1f} s (rollout {results['training']['ppo_rollout_s']:.1f} s, "
         f"update {results['training']['ppo_update_s']:.1f} s) at batch {results['training']['ppo_batch']} x "
-        f"{response_length} tokens; rollout generation {results['training']['rollout_generation_s']['packed']:.1f} s "
-        f"packed vs {results['training']['rollout_generation_s']['hf_model']:.1f} s through the HF model")
+        f"{response_length} tokens; rollout generation " + " vs ".join(
+            f"{seconds:.1f} s {'packed' if name == 'packed' else 'through the HF model'}"
+            for name, seconds in results['training']['rollout_generation_s'].items()))
     if rm_sizes:   # 5. how a retrain's cost grows with the votes (PPO and the gate do not depend on them)
         results["reward_scaling"] = bench_reward_scaling(config, tokenizer, rm_sizes, rm_new_votes)
         for row in results["reward_scaling"]:

@@ -54,13 +54,13 @@ def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
         return
     if cfg.quantization not in ("4bit", "8bit"):
         raise ModelSetupError(f"model.quantization={cfg.quantization!r}: use none, 4bit or 8bit")
-    if device.type != "cuda":
-        raise ModelSetupError(f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); "
-                              "this machine has none: set model.quantization=none")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ModelSetupError("model.quantization needs bitsandbytes: pip install -e '.[gpu]'") from None
+    if device.type != "cuda":   # bitsandbytes runs on CPU too: the same code path, tested here, but slowly
+        log.warning("model.quantization=%s on CPU: bitsandbytes runs it, but slower than fp32 (it saves GPU "
+                    "memory); CPU serving is fastest with model.quantization=none", cfg.quantization)
 
 
 def _sha256(path: Path) -> str:
@@ -155,6 +155,28 @@ def tiny_llama_config(cfg: ModelConfig, tokenizer):
         pad_token_id=tokenizer.pad_token_id)
 
 
+def _tiny_model(cfg: ModelConfig, tokenizer, kind: str = "causal_lm"):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = tiny_llama_config(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)  # same seed, same weights: server and trainer share one base
+    if kind == "reward":
+        config.num_labels = 1
+        return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _tiny_folder(cfg: ModelConfig, tokenizer) -> str:
+    """The tiny model's weights saved once, for loaders that read a folder (bitsandbytes quantizes while loading)."""
+    folder = Path(cfg.cache_dir) / f"tiny-random-{cfg.tiny_layers}x{cfg.tiny_hidden_size}-seed{cfg.seed}"
+    if not (folder / "model.safetensors").exists():
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        _tiny_model(cfg, tokenizer).save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    return str(folder)
+
+
 def _quantization_config(cfg: ModelConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
@@ -170,31 +192,25 @@ def load_model(cfg: ModelConfig, tokenizer, kind: str = "causal_lm"):
     device = pick_device(cfg)
     dtype = pick_dtype(cfg, device)
     check_quantization(cfg, device)
-    if cfg.name == TINY:
-        config = tiny_llama_config(cfg, tokenizer)
-        torch.manual_seed(cfg.seed)  # same seed, same weights: server and trainer share one base
-        if kind == "reward":
-            config.num_labels = 1
-            model = AutoModelForSequenceClassification.from_config(config)
-        else:
-            model = AutoModelForCausalLM.from_config(config)
-        model = model.to(device=device, dtype=dtype)
+    if cfg.name == TINY and cfg.quantization == "none":
+        model = _tiny_model(cfg, tokenizer, kind).to(device=device, dtype=dtype)
     else:
         kwargs: dict = {"dtype": dtype}
         if cfg.quantization != "none":
             kwargs["quantization_config"] = _quantization_config(cfg, dtype)
-            kwargs["device_map"] = {"": device.index or 0}
+            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        source = model_path(cfg) if cfg.name != TINY else _tiny_folder(cfg, tokenizer)
         if kind == "reward":
             from transformers.utils import logging as hf_logging
 
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()   # the new scalar head is "MISSING" from the checkpoint by design
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(model_path(cfg), num_labels=1, **kwargs)
+                model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
             finally:
                 hf_logging.set_verbosity(verbosity)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_path(cfg), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         if cfg.quantization == "none":
             model = model.to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
