@@ -116,7 +116,11 @@ def main(argv=None):
         print(json.dumps({"model": model_path(config.model), "vocab": len(load_tokenizer(config.model)),
                           "db": Store(config.serve.db_path).schema_versions()}))
     elif args.command == "retrain":
+        from transformers.utils import logging as hf_logging
+
         from trainer.pipeline import retrain
+
+        hf_logging.disable_progress_bar()   # the run's log holds progress lines, not tqdm bars
 
         print(json.dumps(retrain(config, run_id=args.run_id), indent=2))
     elif args.command == "simulate":

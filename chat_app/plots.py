@@ -16,6 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 SIZE = (5.5, 3.2)  # inches; two figures side by side fit a laptop screen
 SCORE_KEYS = ("eval/candidate_score", "objective/score")  # the gate's score first, PPO's own as a fallback
+KL_KEYS = ("eval/candidate_kl", "objective/kl")           # likewise: the KL the gate measured and its reason quotes
 
 
 def no_data(title: str, why: str = "no data yet") -> Figure:
@@ -113,7 +114,7 @@ def reward_model_accuracy(versions: list[dict]) -> Figure:
 def reward_and_kl(versions: list[dict]) -> Figure:
     """Mean reward-model score (left) and KL to the base model (right) per version."""
     title = "Mean reward and KL per version"
-    rows = [(str(v.get("id")), metric(v, *SCORE_KEYS), metric(v, "objective/kl")) for v in versions]
+    rows = [(str(v.get("id")), metric(v, *SCORE_KEYS), metric(v, *KL_KEYS)) for v in versions]
     rows = [row for row in rows if row[1] is not None or row[2] is not None]
     if not rows:
         return no_data(title)
@@ -133,5 +134,7 @@ def reward_and_kl(versions: list[dict]) -> Figure:
 
 
 def win_rate(versions: list[dict]) -> Figure:
-    """Held-out win rate of each candidate against the policy it was compared with ("eval/win_rate")."""
-    return _rate_bars(versions, "eval/win_rate", "Win rate against the serving policy", "win rate", "tab:purple")
+    """Held-out win rate of each candidate against the policy it was compared with ("eval/win_rate"), judged by the
+    run's reward model (not by people: that is what the next votes say)."""
+    return _rate_bars(versions, "eval/win_rate", "Win rate vs the serving policy (reward model's judgement)",
+                      "win rate", "tab:purple")

@@ -87,6 +87,7 @@ class RetrainScheduler:
         self.process: subprocess.Popen | None = None
         self.current_run_id: int | None = None
         self.last_decision = Decision(False, "not checked yet")
+        self.last_check_at: datetime | None = None
         defaults = app.config.schedule
         stored = app.store.get_setting(self.SETTINGS_KEY, {})
         self.settings = {"enabled": defaults.enabled, "retrain_every_minutes": defaults.retrain_every_minutes,
@@ -98,6 +99,7 @@ class RetrainScheduler:
         next_at = job.next_run_time.isoformat() if job and job.next_run_time else None
         return {**self.settings, "next_check_at": next_at, "is_running": self.is_running(),
                 "current_run_id": self.current_run_id, "last_decision": self.last_decision.reason,
+                "last_check_at": self.last_check_at.isoformat() if self.last_check_at else None,
                 "new_votes": self.new_votes()}
 
     def update_schedule(self, changes: dict, actor: str | None = None) -> dict:
@@ -157,7 +159,7 @@ class RetrainScheduler:
             decision = should_retrain(enabled=self.settings["enabled"], is_running=self.is_running(),
                                       new_votes=self.new_votes(), min_new_votes=int(self.settings["min_new_votes"]),
                                       forced=forced)
-            self.last_decision = decision
+            self.last_decision, self.last_check_at = decision, self.clock()
             log.info("retrain check: %s", decision.reason)
             if decision.start:
                 self._launch(trigger=actor)

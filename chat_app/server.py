@@ -44,3 +44,4 @@ def serve(app: App, with_ui: bool = True) -> None:
         uvicorn.run(create_web_app(app, with_ui), host=host, port=port, log_level="warning")
     finally:
         app.close()
+        log.info("stopped: the engine, the scheduler and the database are closed")

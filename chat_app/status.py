@@ -34,7 +34,8 @@ def serving_line(app) -> str:
         parts.append("the base model, not trained on votes yet")
     elif summary["trained_on_votes"] is not None:
         minutes = summary["trained_minutes_ago"]
-        ago = "just now" if minutes is None or minutes < 1 else f"{minutes:.0f} minutes ago"
+        ago = "just now" if minutes is None or minutes < 1 else \
+            f"{minutes:.0f} minute{'' if round(minutes) == 1 else 's'} ago"
         parts.append(f"trained on {summary['trained_on_votes']} votes, {ago}")
     parts.append(f"{votes} vote{'' if votes == 1 else 's'} so far")
     return " · ".join(parts)

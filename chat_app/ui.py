@@ -11,6 +11,7 @@ import os
 import queue
 import tempfile
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import gradio as gr
@@ -240,13 +241,20 @@ def number(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def tokens(value) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+
+
 def versions_table(versions: list[dict]) -> pd.DataFrame:
-    """Newest first, with the metrics the gate and the plots use."""
-    columns = ["version", "parent", "status", "reason", "created", "rm/accuracy", "objective/kl", "score",
-               "eval/win_rate"]
-    rows = [[v["id"], v.get("parent") or "", v["status"], v.get("reason") or "", short_time(v["created_at"]),
-             number(plots.metric(v, "rm/accuracy")), number(plots.metric(v, "objective/kl")),
-             number(plots.metric(v, *plots.SCORE_KEYS)), number(plots.metric(v, "eval/win_rate"))]
+    """Newest first, with the gate's own figures (the ones its reason quotes), then the reason."""
+    columns = ["version", "parent", "status", "created", "reward model accuracy", "reward gain (gate)",
+               "KL to base, nats", "answer tokens (was)", "win rate (reward model)", "why"]
+    rows = [[v["id"], v.get("parent") or "", v["status"], short_time(v["created_at"]),
+             number(plots.metric(v, "rm/accuracy")), number(plots.metric(v, "eval/reward_gain")),
+             number(plots.metric(v, *plots.KL_KEYS)),
+             f"{tokens(plots.metric(v, 'eval/candidate_length'))} ({tokens(plots.metric(v, 'eval/serving_length'))})"
+             if plots.metric(v, "eval/candidate_length") is not None else "",
+             number(plots.metric(v, "eval/win_rate")), v.get("reason") or ""]
             for v in reversed(versions)]
     return pd.DataFrame(rows, columns=columns)
 
@@ -260,8 +268,17 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def progress_text(runs: list[dict]) -> str:
-    """Stage, step bar and latest losses of the running run (runs newest first)."""
+STAGES = {"loading": "loading the votes and the model", "reward": "training the reward model on the votes",
+          "sft": "learning from written answers", "ppo": "PPO: the policy learns from the reward model",
+          "gate": "the gate: new policy against the serving one on held-out prompts"}
+PROGRESS_LABELS = {"rm/loss": "reward-model loss", "rm/batch_accuracy": "batch accuracy",
+                   "rm/accuracy": "reward model held-out accuracy", "objective/score": "reward",
+                   "objective/kl": "KL to base (nats)", "objective/length": "answer tokens", "ppo/loss": "PPO loss",
+                   "ppo/approx_kl": "approx. KL per update", "ppo/clipfrac": "clipped share", "sft/loss": "SFT loss"}
+
+
+def progress_text(runs: list[dict], now: datetime | None = None) -> str:
+    """Stage, step bar, elapsed time and latest figures of the running run (runs newest first)."""
     running = next((r for r in runs if r["status"] == "running"), None)
     if running is None:
         if not runs:
@@ -270,15 +287,27 @@ def progress_text(runs: list[dict]) -> str:
         return (f"No training run in progress. Last: run {last['id']} {last['status']} "
                 f"at {short_time(last['ended_at'])}.")
     progress = running.get("progress") or {}
+    stage = progress.get("stage", "starting")
     step, steps = progress.get("step"), progress.get("steps")
-    line = (f"**Run {running['id']}** ({running['trigger']}, started {short_time(running['started_at'])}) · "
-            f"stage **{progress.get('stage', 'starting')}**")
-    if isinstance(step, (int, float)) and isinstance(steps, (int, float)) and steps > 0:
+    line = (f"**Run {running['id']}** ({running['trigger']}, started {short_time(running['started_at'])}"
+            f"{elapsed(running['started_at'], now)}) · **{STAGES.get(stage, stage)}**")
+    if isinstance(step, (int, float)) and isinstance(steps, (int, float)) and steps > 1:
         filled = round(20 * min(step / steps, 1.0))
         line += f" · `{'█' * filled}{'░' * (20 - filled)}` step {step}/{steps}"
-    values = [f"{key} {value:.4g}" for key, value in progress.items()
+    values = [f"{PROGRESS_LABELS.get(key, key)} {value:.4g}" for key, value in progress.items()
               if key not in ("stage", "step", "steps", "updated_at") and isinstance(value, (int, float))]
     return line + ("\n\n" + " · ".join(values) if values else "")
+
+
+def elapsed(started_at: str | None, now: datetime | None = None) -> str:
+    """', 12 min ago' from an ISO timestamp; '' when it cannot be read."""
+    try:
+        started = datetime.fromisoformat(started_at)
+    except (TypeError, ValueError):
+        return ""
+    now = now or datetime.now(started.tzinfo or timezone.utc)
+    minutes = max((now - started).total_seconds(), 0) / 60
+    return ", under a minute ago" if minutes < 1 else f", {minutes:.0f} min ago"
 
 
 def schedule_text(app) -> str:
@@ -288,7 +317,8 @@ def schedule_text(app) -> str:
     state = "enabled" if s["enabled"] else "**paused**"
     return (f"Schedule {state}: every {s['retrain_every_minutes']:g} min when ≥ {s['min_new_votes']} new votes · "
             f"{s['new_votes']} new votes since the last run · next check {short_time(s['next_check_at']) or '—'} · "
-            f"last check: {s['last_decision']}")
+            f"last check{' ' + short_time(s['last_check_at'])[11:16] if s.get('last_check_at') else ''}: "
+            f"{s['last_decision']}")
 
 
 def write_export(app, directory: Path) -> str:
@@ -359,7 +389,8 @@ def build_operator_tab(app) -> gr.Blocks:
         def live(drawn, shown) -> dict:
             """Cheap refresh for the timer; plots and the versions table only when their data changed."""
             runs, versions = app.store.runs(limit=50), app.store.versions()
-            updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), **schedule_fields(shown)}
+            updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), **schedule_fields(shown),
+                       op_message: f"Unlocked. Serving **{app.serving_version()}**."}
             signature = [app.store.vote_counts()["total"], [(v["id"], v["status"]) for v in versions],
                          app.serving_version()]
             if signature != drawn:
@@ -368,7 +399,8 @@ def build_operator_tab(app) -> gr.Blocks:
                                 accuracy_plot: plots.reward_model_accuracy(versions),
                                 reward_plot: plots.reward_and_kl(versions), win_plot: plots.win_rate(versions),
                                 version_pick: gr.Dropdown(choices=["base"] + [v["id"] for v in versions
-                                                                              if v["status"] != "rejected"]),
+                                                                              if v["status"] != "rejected"],
+                                                          value=app.serving_version()),   # no accidental rollback
                                 export: write_export(app, export_dir)})
             return updates
 
@@ -380,8 +412,7 @@ def build_operator_tab(app) -> gr.Blocks:
             return handler
 
         def open_console():
-            return {op_message: f"Unlocked. Serving **{app.serving_version()}**.", console: gr.Column(visible=True),
-                    timer: gr.Timer(active=True), **live(None, None)}
+            return {console: gr.Column(visible=True), timer: gr.Timer(active=True), **live(None, None)}
 
         def save_schedule(minutes, votes):
             if app.scheduler is None:

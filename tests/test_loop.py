@@ -113,11 +113,16 @@ def test_a_swap_while_requests_stream_fails_none_and_mixes_no_versions(app, tmp_
     assert pause_ms < 10_000
 
 
-def test_the_progress_line_shows_the_stage_and_losses_not_its_timestamp():
+def test_the_progress_line_says_what_is_happening_in_words_and_for_how_long():
+    from datetime import datetime, timezone
+
     from chat_app.ui import progress_text
 
-    runs = [{"id": 3, "status": "running", "trigger": "operator", "started_at": "2026-11-23T03:00:00",
-             "progress": {"stage": "ppo", "step": 5, "steps": 10, "ppo/loss": 0.25, "updated_at": 1.795e9}}]
-    text = progress_text(runs)
-    assert "stage **ppo**" in text and "step 5/10" in text and "ppo/loss 0.25" in text
+    runs = [{"id": 3, "status": "running", "trigger": "operator", "started_at": "2026-11-23T03:00:00+00:00",
+             "progress": {"stage": "ppo", "step": 5, "steps": 10, "ppo/loss": 0.25, "rm/accuracy": 0.75,
+                          "updated_at": 1.795e9}}]
+    text = progress_text(runs, now=datetime(2026, 11, 23, 3, 12, 30, tzinfo=timezone.utc))
+    assert "PPO: the policy learns from the reward model" in text and "step 5/10" in text
+    assert "12 min ago" in text                              # elapsed time: a long stage is not a hung one
+    assert "PPO loss 0.25" in text and "reward model held-out accuracy 0.75" in text
     assert "updated_at" not in text

@@ -28,7 +28,7 @@ class Progress:
     def __call__(self, update: dict):
         self.state = {**self.state, **update, "updated_at": time.time()}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in update.items())
-        print(f"[run {self.run_id}] {shown}", flush=True)
+        print(f"{time.strftime('%H:%M:%S')} [run {self.run_id}] {shown}", flush=True)
         if time.time() - self.last_write >= self.min_interval_s or update.get("step") == update.get("steps"):
             self.store.update_run(self.run_id, progress=self.state)
             self.last_write = time.time()
@@ -155,5 +155,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
         store.mark_serving(version, actor="retrain", action="promote")
     log.info("run %d: %s %s", run_id, version, reason)
     return {"run_id": run_id, "status": "succeeded" if passed else "rejected", "version": version,
-            "parent": parent, "reason": reason, "promoted": passed and promote, "candidate": candidate,
+            "parent": parent, "reason": reason,
+            "promoted": (passed and promote) or ("by the server, after this run" if passed else False),
+            "candidate": candidate,
             "serving": incumbent, **metrics}

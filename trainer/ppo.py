@@ -360,7 +360,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
               f"epochs {metrics['ppo/epochs']}  ({rollout_s:.1f}s + {update_s:.1f}s)", flush=True)
         if progress is not None:
             progress({"stage": "ppo", "step": iteration + 1, "steps": cfg.iterations,
-                      **{k: metrics[k] for k in ("objective/score", "objective/kl", "ppo/loss",
+                      **{k: metrics[k] for k in ("objective/score", "objective/kl", "objective/length", "ppo/loss",
                                                  "ppo/approx_kl", "ppo/clipfrac")}})
     return metrics
 

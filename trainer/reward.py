@@ -258,13 +258,13 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
             torch.nn.utils.clip_grad_norm_(lora_params + head_params, MAX_GRAD_NORM)
             optimizer.step()
             step += 1
-            if step % PROGRESS_EVERY == 0 or step == total_steps:
-                mb_accuracy = (mb_chosen > mb_rejected).float().mean().item()
+            mb_accuracy = (mb_chosen > mb_rejected).float().mean().item()
+            if progress:      # every step (tens of seconds each on CPU): the operator page follows along
+                progress({"stage": "reward", "step": step, "steps": total_steps, "rm/loss": loss.item(),
+                          "rm/batch_accuracy": mb_accuracy})
+            elif step % PROGRESS_EVERY == 0 or step == total_steps:
                 print(f"rm step {step}/{total_steps} epoch {epoch + 1} loss {loss.item():.4f} "
                       f"acc {mb_accuracy:.2f}", flush=True)
-                if progress:
-                    progress({"stage": "reward", "step": step, "steps": total_steps, "rm/loss": loss.item(),
-                              "rm/batch_accuracy": mb_accuracy})
     train_s = time.perf_counter() - train_started
 
     rm.trained_on.update(p["comparison_id"] for p in fit if p.get("comparison_id") is not None)
@@ -280,6 +280,8 @@ def train_reward_model(model_cfg: ModelConfig, reward_cfg: RewardConfig, tokeniz
                "time/reward_encode_s": encode_s, "time/reward_train_s": train_s,
                "time/reward_s": time.perf_counter() - started,
                "rm/pairs_per_s": len(fit) * reward_cfg.epochs / max(train_s, 1e-9)}
+    if progress and held["accuracy"] is not None:   # shown beside PPO's figures while the run goes on
+        progress({"rm/accuracy": held["accuracy"]})
     accuracy = "n/a" if held["accuracy"] is None else f"{held['accuracy']:.3f}"
     print(f"rm done: heldout acc {accuracy} on {len(heldout)} pairs, train acc {fitted['accuracy']:.3f} "
           f"on {len(fit)} ({len(new)} new), tokenised {rm.tokenized}, {metrics['time/reward_s']:.1f} s", flush=True)

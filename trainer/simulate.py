@@ -113,8 +113,16 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
     for cycle in range(1, cycles + 1):
         before = client.get("/api/status").json()
         t0 = time.perf_counter()
+        results = []
+        print(f"cycle {cycle}/{cycles}: {votes} votes by {oracle} through {server}, {concurrency} users at a time",
+              flush=True)
         with ThreadPoolExecutor(concurrency) as pool:
-            results = [r for r in pool.map(safe_vote, range(votes)) if r]
+            for done, result in enumerate(pool.map(safe_vote, range(votes)), 1):
+                if result:
+                    results.append(result)
+                if done % concurrency == 0 or done == votes:    # a line per round of users: it is not hung
+                    print(f"  {time.strftime('%H:%M:%S')} votes {done}/{votes}, served by "
+                          f"{', '.join(sorted({r[0] for r in results})) or '-'}, {len(failures)} failed", flush=True)
         versions = sorted({r[0] for r in results})
         latencies = sorted(r[2] for r in results) or [0]
         print(json.dumps({"cycle": cycle, "votes": len(results), "failed": len(failures), "served_by": versions,
