@@ -61,7 +61,7 @@ def votes_over_time(vote_times: list[str]) -> Figure:
     axes.set_ylabel("votes (cumulative)")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
-    locator = mdates.AutoDateLocator(minticks=3, maxticks=6)
+    locator = mdates.AutoDateLocator(minticks=3, maxticks=7)
     axes.xaxis.set_major_locator(locator)
     # seconds as "02:59:30", not a bare "30" between minute ticks (the default when votes span a few minutes)
     axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(

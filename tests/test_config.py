@@ -23,12 +23,18 @@ def test_every_shipped_config_loads():
         load_config(f"configs/{name}.yaml")
 
 
-def test_quantization_without_cuda_is_a_clear_error():
+def test_quantization_needs_bitsandbytes_and_warns_on_cpu(monkeypatch, caplog):
+    import sys
+
     import torch
 
     from chat_app.model import ModelSetupError, check_quantization
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     config = load_config("configs/tiny.yaml", ["model.quantization=4bit"])
-    with pytest.raises(ModelSetupError, match="needs a CUDA GPU"):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)          # as if it were not installed
+    with pytest.raises(ModelSetupError, match="needs bitsandbytes"):
         check_quantization(config.model, torch.device("cpu"))
+    monkeypatch.undo()
+    pytest.importorskip("bitsandbytes")
+    with caplog.at_level("WARNING"):
+        check_quantization(config.model, torch.device("cpu"))      # it runs on CPU, and says it is slower there
+    assert "on CPU" in caplog.text
