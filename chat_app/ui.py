@@ -362,7 +362,8 @@ def build_operator_tab(app) -> gr.Blocks:
             with gr.Row():
                 reward_plot, win_plot = gr.Plot(show_label=False), gr.Plot(show_label=False)
             gr.Markdown("### Policy versions")
-            versions_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-versions")
+            versions_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-versions",   # headers fit in words
+                                       column_widths=["7%", "6%", "8%", "11%", "9%", "8%", "8%", "9%", "9%", "25%"])
             with gr.Row():
                 version_pick = gr.Dropdown(["base"], value="base", label="Version", elem_id="op-version", scale=3)
                 serve_button = gr.Button("Serve this version", elem_id="op-serve", scale=1)
