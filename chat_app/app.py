@@ -72,7 +72,7 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
     model = load_model(config.model, tokenizer)
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=config.serve.max_batch_requests,
-                              kept_adapters=config.serve.kept_adapters, weights=engine_weights(config),
+                              weights=engine_weights(config),
                               merge_adapters=engine_merges(config)).start()
     serving = store.serving_version()
     if serving is not None:

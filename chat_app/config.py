@@ -53,7 +53,8 @@ class ServeConfig:
     weights as loaded; `bf16` (CPU) a merged bf16 copy (answers change slightly). `run.py bench` measures them."""
     merge_adapters: bool = True
     """Serve each version as a merged copy built outside the engine thread (a swap pauses serving ~0 ms; 2x the
-    weights in memory). Off: PEFT adapters load in place in the engine thread (needed for a 4-bit base)."""
+    weights in memory while old answers finish). Off, and always over a 4-bit base: a copy with the LoRA adapter
+    unmerged, also built outside the engine thread (each step pays for the adapter's matrices)."""
     max_batch_requests: int = 8
     """How many waiting requests the engine batches into one `generate` call."""
     system_prompt: str = ""
@@ -62,8 +63,6 @@ class ServeConfig:
     """Environment variable holding the operator password; unset means the console is locked."""
     adapters_dir: str = "adapters"
     """Where policy and reward adapters are saved, one folder per version."""
-    kept_adapters: int = 3
-    """How many adapters the engine keeps loaded (the serving one included)."""
 
 
 @dataclass

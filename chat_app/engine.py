@@ -1,7 +1,7 @@
 """The generation engine: one thread owns the policy model, batches waiting requests, streams tokens, swaps adapters."""
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 import queue
 import random
@@ -73,7 +73,7 @@ class Swap:
     """PEFT adapter folder, or None to serve the base model."""
     version: str
     prepared: object | None = None
-    """A whole model built outside the engine thread (bf16 serving); swapping it in is one assignment."""
+    """The version's whole serving model, built outside the engine thread; swapping it in is one assignment."""
     done: queue.Queue = field(default_factory=queue.Queue)
     """Receives ("ok", pause_ms) or ("error", message)."""
 
@@ -85,8 +85,6 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
     per decode step (unmerged LoRA cost 1.1x on CPU, 2x on an H100: DESIGN.md, Serving). Dynamic int8 was tried
     and dropped: it moved SmolLM2's next-token distribution by 1.3-1.7 nats per token.
     """
-    import copy
-
     model = copy.deepcopy(base_model)
     deltas = adapter_deltas(model, adapter_path) if adapter_path is not None else None
     if deltas is not None:                     # plain LoRA: add scaling·B·A to each weight, no PEFT model needed
@@ -100,9 +98,19 @@ def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype 
     return (model.to(dtype) if dtype is not None else model).eval()
 
 
-def serving_model(base_model, weights: str, adapter_path: str | None = None):
-    """What serves a version when adapters are merged (`weights` resolved): built from the base, off the engine
-    thread. `model` with no adapter is the base itself."""
+def unmerged_copy(base_model, adapter_path: str):
+    """A copy of the base with the LoRA adapter loaded beside its layers, not merged (a 4-bit base: merging would
+    requantize the weights and lose most of the adapter; see app.engine_merges). A 4-bit copy of SmolLM2 is 160 MB."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_path, is_trainable=False).eval()
+
+
+def serving_model(base_model, weights: str, adapter_path: str | None = None, merge: bool = True):
+    """What serves a version (`weights` resolved), built from the base off the engine thread; the engine swaps to it
+    in one assignment. With no adapter, `model` is the base itself."""
+    if not merge and adapter_path is not None and weights == "model":
+        return unmerged_copy(base_model, adapter_path)
     if weights == "packed":
         return serving_copy(base_model, adapter_path)
     if weights == "bf16":
@@ -128,19 +136,17 @@ class GenerationEngine:
     """The only thread that touches the policy model. Submit requests; swaps apply between batches."""
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int, max_batch_requests: int = 8,
-                 kept_adapters: int = 3, version: str = "base", weights: str = "model", merge_adapters: bool = True):
+                 version: str = "base", weights: str = "model", merge_adapters: bool = True):
         self.weights = resolve_weights(weights, model)
         self.merge_adapters = merge_adapters or self.weights != "model"
-        """Serve each version as a merged copy of the base (built off-thread); else load PEFT adapters in place."""
+        """Serve each version as a merged copy of the base; else as a copy with the LoRA adapter unmerged."""
         self.base_model = model
-        """The base as loaded; each version's merged copy is built from it."""
+        """The base as loaded; each version's copy is built from it, off the engine thread."""
         self.model = serving_model(model, self.weights)
         self.tokenizer = tokenizer
         self.max_context_tokens = max_context_tokens
         self.max_batch_requests = max_batch_requests
-        self.kept_adapters = kept_adapters
         self.version = version
-        self.loaded_adapters: list[str] = []
         self.inbox: queue.Queue = queue.Queue()
         self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.draining: list[DecodeBatch] = []
@@ -174,11 +180,10 @@ class GenerationEngine:
     def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
         swap = Swap(adapter_path, version)
-        if self.merge_adapters:       # build the merged copy here, so serving pauses only for the switch
-            try:
-                swap.prepared = serving_model(self.base_model, self.weights, adapter_path)
-            except Exception as error:
-                raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
+        try:                          # build the version's copy here, so serving pauses only for the switch
+            swap.prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
+        except Exception as error:    # a bad adapter must not stop the engine
+            raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
         self.inbox.put(swap)
         status, value = swap.done.get(timeout=timeout)
         if status == "error":
@@ -190,8 +195,7 @@ class GenerationEngine:
         """Admit waiting requests between steps, step the batches, apply swaps.
 
         A swap to a copy built off-thread applies at once: rows in flight finish on their version's copy
-        (`draining`) while new requests start on the new one, so no one waits for a long answer to end. PEFT
-        adapters loaded in place share one model, so that swap waits for the batch to drain.
+        (`draining`) while new requests start on the new one, so no one waits for a long answer to end.
         """
         waiting: deque = deque()
         while True:
@@ -212,8 +216,7 @@ class GenerationEngine:
                 self._admit(admitted)
             if waiting and waiting[0] is None and not self._rows_in_flight():
                 return
-            if (waiting and isinstance(waiting[0], Swap)
-                    and (waiting[0].prepared is not None or not len(self.batch))):
+            if waiting and isinstance(waiting[0], Swap):
                 self._apply_swap(waiting.popleft())
                 continue
             for batch in [b for b in (*self.draining, self.batch) if len(b)]:
@@ -243,8 +246,7 @@ class GenerationEngine:
                 prompts.append(ids)
                 rows.append(row)
         try:
-            with self._serving_context():
-                self.batch.add(prompts, rows)
+            self.batch.add(prompts, rows)
             self.batches_run += 1
         except Exception as error:
             log.exception("prefill failed")
@@ -253,8 +255,7 @@ class GenerationEngine:
 
     def _step(self, batch: DecodeBatch):
         try:
-            with self._serving_context():
-                emitted, ended = batch.step()
+            emitted, ended = batch.step()
         except Exception as error:   # fail what is in flight, keep the engine alive
             log.exception("decode step failed")
             failed = {id(row.key[0]): row.key[0] for row in batch.rows}
@@ -304,45 +305,13 @@ class GenerationEngine:
         self.requests_served += 1
         request.events.put(("done", result))
 
-    def _serving_context(self):
-        """The base is served with the adapters switched off (they stay loaded for a quick switch back)."""
-        if self.version == "base" and self.loaded_adapters:
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
-
     def _apply_swap(self, swap: Swap):
+        """Serve the prepared copy from now on; the old copy's rows finish beside it, then it is freed."""
         started = time.perf_counter()
-        try:
-            if swap.prepared is not None:
-                self.model = swap.prepared
-            elif swap.adapter_path is not None:
-                from peft import PeftModel
-
-                if swap.version not in self.loaded_adapters:
-                    if not isinstance(self.model, PeftModel):
-                        self.model = PeftModel.from_pretrained(self.model, swap.adapter_path,
-                                                               adapter_name=swap.version, is_trainable=False)
-                    else:
-                        self.model.load_adapter(swap.adapter_path, adapter_name=swap.version, is_trainable=False)
-                    self.loaded_adapters.append(swap.version)
-                self.model.set_adapter(swap.version)
-                self.model.eval()
-            self.version = swap.version
-            self._unload_old_adapters()
-            if len(self.batch):                      # a copy: its rows finish beside the new version
-                self.draining.append(self.batch)
-            self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-            pause_ms = (time.perf_counter() - started) * 1000
-            log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
-            swap.done.put(("ok", pause_ms))
-        except Exception as error:  # a bad adapter must not stop the engine
-            log.exception("swap to %s failed", swap.version)
-            swap.done.put(("error", f"could not load {swap.version} from {swap.adapter_path}: {error}"))
-
-    def _unload_old_adapters(self):
-        while len(self.loaded_adapters) > self.kept_adapters:
-            oldest = next((a for a in self.loaded_adapters if a != self.version), None)
-            if oldest is None:
-                break
-            self.model.delete_adapter(oldest)
-            self.loaded_adapters.remove(oldest)
+        self.model, self.version = swap.prepared, swap.version
+        if len(self.batch):
+            self.draining.append(self.batch)
+        self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        pause_ms = (time.perf_counter() - started) * 1000
+        log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
+        swap.done.put(("ok", pause_ms))
