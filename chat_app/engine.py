@@ -69,13 +69,11 @@ class Request:
 
 @dataclass
 class Swap:
-    adapter_path: str | None
-    """PEFT adapter folder, or None to serve the base model."""
     version: str
-    prepared: object | None = None
+    prepared: object
     """The version's whole serving model, built outside the engine thread; swapping it in is one assignment."""
     done: queue.Queue = field(default_factory=queue.Queue)
-    """Receives ("ok", pause_ms) or ("error", message)."""
+    """Receives how long serving paused, in ms."""
 
 
 def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype | None = torch.bfloat16):
@@ -179,16 +177,13 @@ class GenerationEngine:
 
     def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
-        swap = Swap(adapter_path, version)
         try:                          # build the version's copy here, so serving pauses only for the switch
-            swap.prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
+            prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
         except Exception as error:    # a bad adapter must not stop the engine
             raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
+        swap = Swap(version, prepared)
         self.inbox.put(swap)
-        status, value = swap.done.get(timeout=timeout)
-        if status == "error":
-            raise RuntimeError(value)
-        return value
+        return swap.done.get(timeout=timeout)
 
     # the engine thread
     def _loop(self):
@@ -314,4 +309,4 @@ class GenerationEngine:
         self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         pause_ms = (time.perf_counter() - started) * 1000
         log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
-        swap.done.put(("ok", pause_ms))
+        swap.done.put(pause_ms)

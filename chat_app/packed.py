@@ -29,8 +29,7 @@ BATCH_HINT = 2
 def available(model: nn.Module) -> bool:
     """Packing applies to fp32 models on CPU in a torch built with oneDNN."""
     parameter = next(model.parameters())
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or \
-        getattr(model, "hf_quantizer", None) is not None            # bitsandbytes layers: served as loaded
+    quantized = getattr(model, "hf_quantizer", None) is not None     # bitsandbytes layers: served as loaded
     return (parameter.device.type == "cpu" and parameter.dtype == torch.float32 and not quantized
             and torch.backends.mkldnn.is_available())
 

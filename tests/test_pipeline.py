@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from trainer.data import as_messages, load_prompts, prompt_pool
 
 
@@ -27,9 +29,14 @@ def test_too_few_votes_is_a_skipped_run_not_an_error(tiny_config):
     assert run["status"] == "skipped" and run["ended_at"]
 
 
-def test_a_cycle_registers_a_versioned_adapter_with_its_metrics(tiny_config):
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_a_cycle_registers_a_versioned_adapter_with_its_metrics(tiny_config, quantization):
     from chat_app.store import Store
     from trainer.pipeline import retrain
+
+    if quantization != "none":   # reward model and PPO over a bitsandbytes 4-bit base
+        pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (in the test extra)")
+        tiny_config.model.quantization = quantization
 
     store = Store(tiny_config.serve.db_path)
     add_votes(store, 24)

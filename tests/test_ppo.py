@@ -223,15 +223,19 @@ def test_ptx_and_early_stop_run(tokenizer):
     assert math.isfinite(metrics["ppo/ptx_loss"]) and metrics["ppo/ptx_loss"] > 0
 
 
-def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer):
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization):
     # Reward: the share of the answer's characters that are spaces. At T=1 the tiny random model cannot learn
     # anything sharp: its tied 0.02-std embeddings under a unit RMSNorm give logits within about ±1.3, so every
     # answer is near-uniform over the top 50 tokens whatever LoRA does. At T=0.3 its distributions are peaked
     # like a real LM's and LoRA can move them. Rollouts use top-50 here (ppo.top_k): over the full 49k vocabulary
     # those flat logits spread a random model's mass too thin to learn from in 15 iterations.
+    # The same bar on a bitsandbytes 4-bit base (QLoRA-style; bitsandbytes runs NF4 on CPU too).
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (in the test extra)")
     cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                    "ppo.epochs=2", "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
-                   "ppo.target_kl=0")
+                   "ppo.target_kl=0", f"model.quantization={quantization}")
     policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
     history = []
 

@@ -1,4 +1,5 @@
-"""The bitsandbytes 4-bit base (QLoRA-style): serving, hot-swap, PPO and a whole retrain cycle.
+"""The bitsandbytes 4-bit base (QLoRA-style): closeness to fp32, serving and hot-swap, the bench. PPO learning and a
+whole retrain cycle on it are parameters of tests/test_ppo.py and tests/test_pipeline.py.
 
 bitsandbytes runs its 4-bit kernels on CPU too (slower than fp32 there; on a GPU it saves memory), so this path is
 tested here on the tiny model; `run.py bench` on a GPU gives its speed and memory.
@@ -67,40 +68,6 @@ def test_the_app_serves_a_4bit_base_and_swaps_an_adapter_in(q4_config, tokenizer
         assert engine.submit(ask("hello"), n=2, max_new_tokens=6).result().version == "base"
     finally:
         app.close()
-
-
-def test_ppo_on_a_4bit_base_raises_a_rule_based_reward(q4_config, tokenizer):
-    from trainer.ppo import ValueHead, make_policy, train_ppo
-    from tests.test_ppo import PROMPTS
-
-    torch.set_num_threads(1)
-    cfg = q4_config.ppo
-    cfg.iterations, cfg.rollout_prompts, cfg.samples_per_prompt, cfg.minibatch_size, cfg.epochs = 15, 8, 2, 8, 2
-    cfg.temperature, cfg.top_k, cfg.learning_rate, cfg.kl_coef, cfg.target_kl = 0.3, 50, 0.002, 0.01, 0
-    policy = make_policy(load_model(q4_config.model, tokenizer), q4_config.lora)
-    history = []
-
-    def space_share(messages, texts):
-        return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
-
-    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg,
-                        progress=history.append, seed=0)
-    scores = [h["objective/score"] for h in history]
-    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.15, scores   # the same bar as the fp32 test
-    assert 0.5 < metrics["objective/kl"] < 40
-
-
-def test_a_retrain_cycle_on_a_4bit_base_registers_a_version(q4_config):
-    from chat_app.store import Store
-    from tests.test_pipeline import add_votes
-    from trainer.pipeline import retrain
-
-    store = Store(q4_config.serve.db_path)
-    add_votes(store, 24)
-    summary = retrain(q4_config)
-    assert summary["status"] in ("succeeded", "rejected"), summary
-    version = store.version(summary["version"])
-    assert "rm/accuracy" in version["metrics"] and "objective/kl" in version["metrics"]
 
 
 def test_the_bench_measures_the_4bit_base(tiny_config, tokenizer):
