@@ -54,12 +54,17 @@ def parse_args(argv=None):
     p.add_argument("--votes", type=positive_int, default=100, help="votes per cycle (default 100)")
     p.add_argument("--cycles", type=positive_int, default=1, help="rounds of votes + retraining (default 1)")
     p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
-    p = command("evaluate", "win rate of one policy against another, judged by an oracle")
-    p.add_argument("--oracle", required=True, help="as for simulate")
+    from trainer.oracles import BUILTIN   # a small module: no model libraries load to parse arguments
+
+    p = command("evaluate", "win rates of one policy against another, raw and length-controlled, by one or more judges")
+    p.add_argument("--oracle", action="append", required=True, metavar="JUDGE",
+                   help=f"a built-in judge ({', '.join(BUILTIN)}) or module:function; repeat it or give a "
+                        "comma-separated list to ask several judges about the same answers")
     p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or plain lines")
     p.add_argument("--policy", default="latest")
     p.add_argument("--against", default="base")
     p.add_argument("--samples", type=int, default=1, help="answers per prompt and policy")
+    p.add_argument("--out", metavar="FILE", help="write every comparison (answers, token counts, verdicts) as JSONL")
     p = command("bench", "measure serving and training speed")
     p.add_argument("--json", action="store_true")
     p.add_argument("--ppo-batch", type=positive_int, default=8, help="PPO rollouts per iteration (default 8)")
@@ -131,8 +136,9 @@ def main(argv=None):
     elif args.command == "evaluate":
         from trainer.evaluate import evaluate_cli
 
-        print(json.dumps(evaluate_cli(config, oracle=args.oracle, prompts_file=args.prompts, policy=args.policy,
-                                      against=args.against, samples=args.samples), indent=2))
+        oracles = [name.strip() for names in args.oracle for name in names.split(",") if name.strip()]
+        print(json.dumps(evaluate_cli(config, oracles=oracles, prompts_file=args.prompts, policy=args.policy,
+                                      against=args.against, samples=args.samples, out=args.out), indent=2))
     elif args.command == "bench":
         from chat_app.bench import bench
 

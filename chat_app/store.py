@@ -181,13 +181,16 @@ class Store:
             return self._one("SELECT COUNT(*) AS n FROM comparisons WHERE choice IS NOT NULL")["n"]
         return self._one("SELECT COUNT(*) AS n FROM comparisons WHERE voted_at > ?", [since])["n"]
 
-    def preference_pairs(self) -> list[dict]:
-        """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected}; ties and both-bad are not pairs."""
+    def preference_pairs(self, include_ties: bool = False) -> list[dict]:
+        """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected}; both-bad are not pairs. With
+        `include_ties`, ties too, marked `"tie": True` (chosen = answer A, rejected = answer B)."""
+        choices = ("a", "b", "tie") if include_ties else ("a", "b", "a")
         rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice FROM comparisons "
-                          "WHERE choice IN ('a', 'b') ORDER BY id")
+                          "WHERE choice IN (?, ?, ?) ORDER BY id", list(choices))
         return [{"comparison_id": r["id"], "prompt_messages": json.loads(r["prompt_json"]),
-                 "chosen": r["answer_a"] if r["choice"] == "a" else r["answer_b"],
-                 "rejected": r["answer_b"] if r["choice"] == "a" else r["answer_a"]} for r in rows]
+                 "chosen": r["answer_b"] if r["choice"] == "b" else r["answer_a"],
+                 "rejected": r["answer_a"] if r["choice"] == "b" else r["answer_b"],
+                 **({"tie": True} if r["choice"] == "tie" else {})} for r in rows]
 
     def demonstrations(self) -> list[dict]:
         rows = self._rows("SELECT id, prompt_json, answer FROM demonstrations ORDER BY id")

@@ -245,12 +245,20 @@ def tokens(value) -> str:
     return f"{value:.0f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
+def gain_text(version: dict) -> str:
+    """The gate's reward gain with its uncertainty, e.g. "+0.412 ± 0.120"."""
+    gain, spread = plots.metric(version, "eval/reward_gain"), plots.metric(version, "eval/reward_gain_std")
+    if gain is None:
+        return ""
+    return number(gain) if spread is None else f"{gain:+.3f} ± {spread:.3f}"
+
+
 def versions_table(versions: list[dict]) -> pd.DataFrame:
     """Newest first, with the gate's own figures (the ones its reason quotes), then the reason."""
     columns = ["version", "parent", "status", "created", "reward model accuracy", "reward gain (gate)",
-               "KL to base, nats", "answer tokens (was)", "win rate (reward model)", "why"]
+               "gain at equal length", "KL to base, nats", "answer tokens (was)", "win rate (reward model)", "why"]
     rows = [[v["id"], v.get("parent") or "", v["status"], short_time(v["created_at"]),
-             number(plots.metric(v, "rm/accuracy")), number(plots.metric(v, "eval/reward_gain")),
+             number(plots.metric(v, "rm/accuracy")), gain_text(v), number(plots.metric(v, "eval/reward_gain_lc")),
              number(plots.metric(v, *plots.KL_KEYS)),
              f"{tokens(plots.metric(v, 'eval/candidate_length'))} ({tokens(plots.metric(v, 'eval/serving_length'))})"
              if plots.metric(v, "eval/candidate_length") is not None else "",
@@ -272,6 +280,7 @@ STAGES = {"loading": "loading the votes and the model", "reward": "training the 
           "sft": "learning from written answers", "ppo": "PPO: the policy learns from the reward model",
           "gate": "the gate: new policy against the serving one on held-out prompts"}
 PROGRESS_LABELS = {"rm/loss": "reward-model loss", "rm/batch_accuracy": "batch accuracy",
+                   "objective/kl_coef": "KL coefficient β",
                    "rm/accuracy": "reward model held-out accuracy", "objective/score": "reward",
                    "objective/kl": "KL to base (nats)", "objective/length": "answer tokens", "ppo/loss": "PPO loss",
                    "ppo/approx_kl": "approx. KL per update", "ppo/clipfrac": "clipped share", "sft/loss": "SFT loss"}

@@ -62,7 +62,8 @@ def test_evaluate_counts_every_comparison(tiny_config, tmp_path):
     prompts.write_text("first question\nsecond question\n\nthird question\n")
     result = evaluate_cli(tiny_config, oracle="shorter", prompts_file=str(prompts), policy="base", against="base",
                           samples=2)
-    assert result["wins"] + result["losses"] + result["ties"] == result["comparisons"] == 6
+    report = result["judges"]["shorter"]
+    assert report["wins"] + report["losses"] + report["ties"] == report["comparisons"] == 6
     assert result["prompts"] == 3
 
 

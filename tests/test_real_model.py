@@ -48,4 +48,4 @@ def test_the_loop_learns_a_simulated_preference(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     result = json.loads(evaluation.stdout[evaluation.stdout.index("{"):])
     print(json.dumps(result, indent=1))
-    assert result["win_rate"] > 0.6, result
+    assert result["judges"]["concise"]["decided_win_rate"] > 0.6, result

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
+import sys
 
 import torch
 
@@ -13,6 +15,7 @@ from chat_app.packed import policy_copy
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
 from trainer.ppo import forward_logprobs_values, pack_query_response
+from trainer.ratings import OUTCOMES, length_controlled_win_rate, relative_length_difference, win_rate_summary
 
 
 @contextlib.contextmanager
@@ -85,10 +88,45 @@ def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], ada
     with using_adapter(policy, None):
         ref_logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
     kl = [float((lp - ref).sum()) for lp, ref in zip(logprobs, ref_logprobs)]
-    scores = reward_model.score(repeated, texts) if reward_model is not None else torch.zeros(len(texts))
+    members = None
+    if reward_model is None:
+        scores = torch.zeros(len(texts))
+    elif hasattr(reward_model, "ensemble"):                      # the heads: every member's score, for the spread
+        members = reward_model.ensemble.member_scores(reward_model.features(repeated, texts))   # (members, n)
+        scores = members.mean(0)
+    else:
+        scores = reward_model.score(repeated, texts)
     return {"score": float(scores.float().mean()), "scores": scores.float().tolist(), "kl": sum(kl) / len(kl),
+            "member_scores": members.tolist() if members is not None else None,
+            "lengths": [len(a) for a in answer_ids],
             "length": sum(len(a) for a in answer_ids) / len(answer_ids), "eos_rate": sum(ended) / len(ended),
             "examples": [{"prompt": p[-1]["content"], "answer": t} for p, t in zip(repeated[:4], texts[:4])]}
+
+
+def gate_figures(candidate: dict, serving: dict) -> dict:
+    """What the gate decides on, from two `policy_stats` over the same prompts in the same order.
+
+    eval/reward_gain: mean RM score, candidate minus serving. eval/reward_gain_std: its uncertainty, the sampling
+    error of the paired differences and, for an ensemble, the spread of the gain across its heads, combined.
+    eval/reward_gain_lc: the gain at equal length (least squares of score on length and which version), so an
+    operator sees when a version only got longer or shorter. eval/length_ratio: candidate over serving length.
+    """
+    cand, serv = torch.tensor(candidate["scores"]), torch.tensor(serving["scores"])
+    gain = (cand.mean() - serv.mean()).item()
+    paired = cand - serv
+    sampling_var = (paired.var() / len(paired)).item() if len(paired) > 1 else 0.0
+    heads_var = 0.0
+    if candidate.get("member_scores") and serving.get("member_scores"):
+        member_gains = torch.tensor(candidate["member_scores"]).mean(1) - torch.tensor(serving["member_scores"]).mean(1)
+        heads_var = member_gains.var().item() if len(member_gains) > 1 else 0.0
+    lengths = torch.tensor(candidate["lengths"] + serving["lengths"], dtype=torch.float)
+    is_candidate = torch.cat([torch.ones(len(cand)), torch.zeros(len(serv))])
+    design = torch.stack([torch.ones_like(lengths), (lengths - lengths.mean()) / lengths.std().clamp(min=1e-6),
+                          is_candidate], 1)
+    coef = torch.linalg.lstsq(design, torch.cat([cand, serv])[:, None]).solution[:, 0]
+    return {"eval/reward_gain": gain, "eval/reward_gain_std": math.sqrt(sampling_var + heads_var),
+            "eval/reward_gain_lc": coef[2].item(), "eval/reward_per_length_std": coef[1].item(),
+            "eval/length_ratio": candidate["length"] / max(serving["length"], 1e-6)}
 
 
 def gate_decision(candidate: dict, serving: dict, cfg) -> tuple[bool, str]:
@@ -96,34 +134,32 @@ def gate_decision(candidate: dict, serving: dict, cfg) -> tuple[bool, str]:
     values = [candidate["score"], candidate["kl"], candidate["length"]]
     if any(math.isnan(v) or math.isinf(v) for v in values):
         return False, "rejected: NaN or infinite metrics"
-    gain = candidate["score"] - serving["score"]
-    if gain <= cfg.min_reward_gain:
-        return False, f"rejected: reward gain {gain:+.3f} is not above {cfg.min_reward_gain}"
+    figures = gate_figures(candidate, serving)
+    gain, spread, ratio = figures["eval/reward_gain"], figures["eval/reward_gain_std"], figures["eval/length_ratio"]
+    shown = (f"reward {gain:+.3f} ± {spread:.3f} ({figures['eval/reward_gain_lc']:+.3f} at equal length), "
+             f"KL {candidate['kl']:.2f} nats, length x{ratio:.2f}")
+    if gain <= cfg.min_reward_gain + cfg.min_gain_in_std * spread:
+        need = f"{cfg.min_reward_gain}" + (f" + {cfg.min_gain_in_std:g} × its uncertainty" if cfg.min_gain_in_std else "")
+        return False, f"rejected: reward gain is not above {need}: {shown}"
     if candidate["kl"] > cfg.max_kl:
-        return False, f"rejected: KL to base {candidate['kl']:.2f} nats is above {cfg.max_kl}"
-    ratio = candidate["length"] / max(serving["length"], 1e-6)
-    if ratio > cfg.max_length_ratio:
-        return False, f"rejected: answers {ratio:.2f}x as long as the serving policy's"
-    return True, f"passed: reward {gain:+.3f} over the serving policy, KL {candidate['kl']:.2f} nats"
+        return False, f"rejected: KL to base {candidate['kl']:.2f} nats is above {cfg.max_kl}: {shown}"
+    if cfg.max_length_ratio > 0 and ratio > cfg.max_length_ratio:
+        return False, f"rejected: answers {ratio:.2f}x as long as the serving policy's (max {cfg.max_length_ratio}): {shown}"
+    return True, f"passed: {shown}"
 
 
 def oracle_win_rate(judge, prompts: list[str], answers_policy: list[str], answers_against: list[str],
-                    seed: int = 0) -> dict:
-    """Ask the oracle with the order swapped half the time; win_rate excludes ties."""
-    rng = random.Random(seed)
-    wins = losses = ties = 0
-    for prompt, mine, theirs in zip(prompts, answers_policy, answers_against):
-        swapped = rng.random() < 0.5
-        verdict = judge(prompt, theirs, mine) if swapped else judge(prompt, mine, theirs)
-        if verdict == "tie":
-            ties += 1
-        elif (verdict == "a") != swapped:
-            wins += 1
-        else:
-            losses += 1
-    decided = wins + losses
-    return {"win_rate": wins / decided if decided else None, "wins": wins, "losses": losses, "ties": ties,
-            "comparisons": len(prompts)}
+                    seed: int = 0, *, tokens_policy: list[int] | None = None,
+                    tokens_against: list[int] | None = None) -> dict:
+    """Counts and win rates of the policy by one judge, length-controlled when given the answers' token counts.
+
+    The fields are those of `trainer.ratings.length_controlled_win_rate` (`win_rate_summary` without tokens):
+    win_rate counts a tie as half, decided_win_rate leaves ties out.
+    """
+    outcomes = [OUTCOMES[w] for w in judge_pairs(judge, prompts, answers_policy, answers_against, seed)]
+    if tokens_policy is None or tokens_against is None:
+        return win_rate_summary(outcomes, seed=seed)
+    return length_controlled_win_rate(outcomes, relative_length_difference(tokens_policy, tokens_against), seed=seed)
 
 
 def resolve_version(store, version: str) -> tuple[str, str | None]:
@@ -142,14 +178,52 @@ def resolve_version(store, version: str) -> tuple[str, str | None]:
     return row["id"], row["adapter_path"]
 
 
-def evaluate_cli(config, *, oracle: str, prompts_file: str, policy: str, against: str, samples: int = 1) -> dict:
-    """`run.py evaluate`: one answer per prompt (× samples) from each policy, judged by the oracle."""
+def judge_pairs(judge, prompts: list[str], answers_policy: list[str], answers_against: list[str],
+                seed: int = 0) -> list[str]:
+    """The judge's verdict on each pair from the policy's side: "policy" | "against" | "tie"."""
+    rng = random.Random(seed)                  # one seed: every judge sees each pair in the same order
+    winners = []
+    for prompt, mine, theirs in zip(prompts, answers_policy, answers_against):
+        swapped = rng.random() < 0.5           # shown in either order, as judges favour a position
+        verdict = judge(prompt, theirs, mine) if swapped else judge(prompt, mine, theirs)
+        if verdict not in ("a", "b", "tie", "both_bad"):
+            raise ValueError(f"a judge returned {verdict!r}, not 'a', 'b' or 'tie'")
+        if verdict in ("tie", "both_bad"):     # both bad is a tie, as in Arena
+            winners.append("tie")
+        else:
+            winners.append("policy" if (verdict == "a") != swapped else "against")
+    return winners
+
+
+def summary_line(name: str, report: dict) -> str:
+    """`name: win 0.62 [0.55, 0.69] (112-68-20 of 200), length-controlled 0.58 [0.50, 0.66], length effect +0.31`"""
+    if not report["comparisons"]:
+        return f"{name}: no comparisons"
+    low, high = report["win_rate_interval"]
+    lc_low, lc_high = report["length_controlled_interval"]
+    effect = "n/a" if report["length_effect"] is None else f"{report['length_effect']:+.2f}"
+    return (f"{name}: win {report['win_rate']:.2f} [{low:.2f}, {high:.2f}] ({report['wins']}-{report['losses']}-"
+            f"{report['ties']} of {report['comparisons']}), length-controlled "
+            f"{report['length_controlled_win_rate']:.2f} [{lc_low:.2f}, {lc_high:.2f}], length effect {effect}")
+
+
+def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str, policy: str, against: str,
+                 samples: int = 1, out: str | None = None, oracle: str | None = None) -> dict:
+    """`run.py evaluate`: each policy answers every prompt (× samples) once, and every judge rates the same pairs.
+
+    Args:
+        oracles: built-in judge names or module:function specs; `oracle` (one name) is the older keyword.
+        out: a JSONL file to write every comparison to (both answers, token counts, each judge's winner).
+    """
     from peft import PeftModel
 
     from chat_app.model import load_model, load_tokenizer
     from chat_app.store import Store
 
-    judge = load_oracle(oracle)
+    # 1. judges first, so a misspelt one fails before minutes of sampling
+    judges = {name: load_oracle(name) for name in dict.fromkeys([*(oracles or []), *([oracle] if oracle else [])])}
+    if not judges:
+        raise ValueError("evaluate needs at least one oracle")
     store = Store(config.serve.db_path)
     prompt_texts = load_prompts(prompts_file)
     tokenizer = load_tokenizer(config.model)
@@ -164,6 +238,8 @@ def evaluate_cli(config, *, oracle: str, prompts_file: str, policy: str, against
             model = PeftModel.from_pretrained(model, path, adapter_name=version_id)
         elif version_id not in model.peft_config:
             model.load_adapter(path, adapter_name=version_id)
+
+    # 2. one sampling per side, shared by every judge
     repeated = [p for p in prompt_texts for _ in range(samples)]
     answers = {}
     for side in ("policy", "against"):
@@ -173,8 +249,25 @@ def evaluate_cli(config, *, oracle: str, prompts_file: str, policy: str, against
                                              max_new_tokens=config.serve.max_new_tokens,
                                              temperature=config.serve.temperature, top_p=config.serve.top_p,
                                              seed=17 if side == "policy" else 29)
-    result = oracle_win_rate(judge, repeated, answers["policy"][0], answers["against"][0])
-    lengths = {side: sum(len(a) for a in answers[side][2]) / len(repeated) for side in answers}
-    return {**result, "policy": names["policy"], "against": names["against"], "prompts": len(prompt_texts),
-            "samples_per_prompt": samples, "oracle": oracle, "mean_tokens": lengths,
-            "eos_rate": {side: sum(answers[side][3]) / len(repeated) for side in answers}}
+    texts = {side: answers[side][0] for side in answers}
+    tokens = {side: [len(a) for a in answers[side][2]] for side in answers}    # EOS not counted
+
+    # 3. every judge on the same pairs, shown in the same order
+    length_diffs = relative_length_difference(tokens["policy"], tokens["against"])
+    winners, reports = {}, {}
+    for name, judge in judges.items():
+        winners[name] = judge_pairs(judge, repeated, texts["policy"], texts["against"])
+        reports[name] = length_controlled_win_rate([OUTCOMES[w] for w in winners[name]], length_diffs)
+        print(summary_line(name, reports[name]), file=sys.stderr)
+    if out:
+        with open(out, "w") as f:
+            for i, prompt in enumerate(repeated):
+                f.write(json.dumps({"prompt": prompt, "answer_policy": texts["policy"][i],
+                                    "answer_against": texts["against"][i], "tokens_policy": tokens["policy"][i],
+                                    "tokens_against": tokens["against"][i],
+                                    "winners": {name: winners[name][i] for name in judges}}) + "\n")
+    count = max(len(repeated), 1)
+    return {"policy": names["policy"], "against": names["against"], "prompts": len(prompt_texts),
+            "samples_per_prompt": samples, "comparisons": len(repeated),
+            "mean_tokens": {side: sum(tokens[side]) / count for side in answers},
+            "eos_rate": {side: sum(answers[side][3]) / count for side in answers}, "judges": reports}

@@ -52,7 +52,7 @@ def retrain(config: Config, run_id: int | None = None, promote: bool | None = No
 
 def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     from chat_app.model import load_model, load_tokenizer
-    from trainer.evaluate import gate_decision, policy_stats
+    from trainer.evaluate import gate_decision, gate_figures, policy_stats
     from trainer.ppo import load_value_head, make_policy, save_policy, train_ppo, ValueHead
     from trainer.reward import train_reward_model
     from trainer.sft import sft_loss, train_sft
@@ -73,12 +73,22 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     parent = serving["id"] if serving else "base"
     previous_rm = serving.get("reward_adapter_path") if serving else None
 
-    # 2. reward model on every A/B vote
+    # 2. reward model on every A/B vote (and the ties, for the heads)
     t0 = time.perf_counter()
-    reward_model, rm_metrics = train_reward_model(
-        config.model, config.reward, tokenizer, pairs,
-        init_adapter=previous_rm if config.reward.warm_start and previous_rm and Path(previous_rm).exists() else None,
-        progress=progress, seed=0)  # a fixed seed keeps each prompt on its side of the split across runs
+    base = None
+    if config.reward.kind == "heads":
+        from trainer.reward_heads import is_head_reward_model, train_head_reward_model
+
+        base = load_model(config.model, tokenizer)          # read frozen, then wrapped by the policy's LoRA below
+        reward_model, rm_metrics = train_head_reward_model(
+            base, tokenizer, config.reward, store.preference_pairs(include_ties=config.reward.use_ties),
+            previous=previous_rm if is_head_reward_model(previous_rm) else None, progress=progress, seed=0)
+    else:
+        warm = config.reward.warm_start and previous_rm and Path(previous_rm).exists() \
+            and not (Path(previous_rm) / "reward_heads.json").exists()
+        reward_model, rm_metrics = train_reward_model(
+            config.model, config.reward, tokenizer, pairs, init_adapter=previous_rm if warm else None,
+            progress=progress, seed=0)  # a fixed seed keeps each prompt on its side of the split across runs
     timings["time/reward_s"] = time.perf_counter() - t0
     metrics.update(rm_metrics)
     if reward_model is None:
@@ -87,9 +97,11 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
         return {"run_id": run_id, "status": "skipped", "reason": reason, **metrics}
 
     # 3. the policy: LoRA over the base, warm-started from the serving adapter
-    base = load_model(config.model, tokenizer)
+    base = base if base is not None else load_model(config.model, tokenizer)
     parent_path = serving["adapter_path"] if serving and Path(serving["adapter_path"]).exists() else None
     policy = make_policy(base, config.lora, init_adapter=parent_path)
+    if config.reward.kind == "heads":
+        reward_model.backbone = policy                      # features with the adapter disabled: the same base
     hidden = base.config.hidden_size
     value_head = (load_value_head(parent_path, hidden) if parent_path else None) or ValueHead(hidden)
     value_head.to(next(policy.parameters()).device)
@@ -128,6 +140,9 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     progress({"stage": "gate", "step": 2, "steps": 2})
     passed, reason = gate_decision(candidate, incumbent, config.gate)
     timings["time/gate_s"] = time.perf_counter() - t0
+    metrics.update(gate_figures(candidate, incumbent))
+    for stats in (candidate, incumbent):
+        stats.pop("member_scores"), stats.pop("lengths")
     wins = [c > s for c, s in zip(candidate.pop("scores"), incumbent.pop("scores"))]   # same prompts, same order
     metrics.update({"eval/win_rate": sum(wins) / len(wins), "eval/candidate_score": candidate["score"], "eval/serving_score": incumbent["score"],
                     "eval/reward_gain": candidate["score"] - incumbent["score"], "eval/candidate_kl": candidate["kl"],

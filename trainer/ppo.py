@@ -122,6 +122,22 @@ class RunningMoments:
         return self.var ** 0.5
 
 
+class AdaptiveKLController:
+    """β that follows a KL target: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) [Ziegler et al. 2019].
+
+    With a fixed β the KL a cycle reaches depends on the reward's scale and the number of steps; a target keeps
+    the policy near the KL the operator chose, and lets it move fast while it is far below."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.target <= 0:                                    # no target: β stays as configured
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
 # -- the model side: LoRA policy, value head, one batched forward ---------------------------------
 class ValueHead(nn.Module):
     """V(state) per token: a Linear on the policy's last hidden state, (batch, T, hidden) -> (batch, T)."""
@@ -230,7 +246,7 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
 
 @torch.no_grad()
 def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, cfg: PPOConfig,
-                    score_stats: RunningMoments | None = None) -> dict:
+                    score_stats: RunningMoments | None = None, kl_coef: float | None = None) -> dict:
     """Add old logprobs, ref logprobs, values, rewards, kl, advantages and returns (batch, resp_len) to `batch`."""
     ids, attn, ctx = batch["query_response"], batch["attention_mask"], batch["context_length"]
     chunks = [slice(i, i + cfg.minibatch_size) for i in range(0, len(ids), cfg.minibatch_size)]  # bounds memory
@@ -246,7 +262,8 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
         scores = scores / score_stats.std if score_stats.std > 1e-6 else scores  # all equal so far: leave them
     if cfg.penalize_no_eos:                                     # cut-off answers lose [N+ details]
         scores = scores - cfg.no_eos_penalty * (~batch["ended_with_eos"]).float()
-    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, batch["response_lengths"], cfg.kl_coef)
+    beta = cfg.kl_coef if kl_coef is None else kl_coef          # the adaptive controller's β when there is one
+    rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, batch["response_lengths"], beta)
     advantages, returns = gae(rewards, values, mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)            # advantage normalisation [37 details]
@@ -326,7 +343,15 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         slices = itertools.cycle([demos[i:i + cfg.minibatch_size] for i in range(0, len(demos), cfg.minibatch_size)])
         ptx_loss = lambda: demo_loss_fn(next(slices))           # noqa: E731
     metrics: dict = {"time/rollout_s": 0.0, "time/update_s": 0.0}
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    loop_started = time.perf_counter()
     for iteration in range(cfg.iterations):
+        if cfg.max_minutes > 0 and iteration > 0:                # the cycle's budget: an iteration costs about the last
+            spent = time.perf_counter() - loop_started
+            if spent + spent / iteration > cfg.max_minutes * 60:
+                print(f"ppo: stopping after {iteration} iterations, {spent:.0f} s of a {cfg.max_minutes:g} min budget",
+                      flush=True)
+                break
         # 1. rollout: pick prompts, answer each samples_per_prompt times, score the answers
         started = time.perf_counter()
         many = len(prompt_ids) >= cfg.rollout_prompts
@@ -336,7 +361,8 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
         raw_scores = torch.as_tensor(reward_fn([prompts_messages[i] for i in rows], batch["texts"])).detach().float()
         # 2. experience: old and reference logprobs, values, rewards, advantages
-        exp = make_experience(policy, value_head, batch, raw_scores, cfg, score_stats)
+        exp = make_experience(policy, value_head, batch, raw_scores, cfg, score_stats, kl_coef=kl_ctl.value)
+        kl_ctl.update(exp["kl"].sum(1).mean().item(), len(rows))   # β for the next batch
         rollout_s = time.perf_counter() - started
         # 3. update: epochs of clipped PPO on shuffled minibatches
         started = time.perf_counter()
@@ -350,17 +376,18 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             "objective/kl": exp["kl"].sum(1).mean().item(),     # nats per answer
             "objective/length": exp["response_lengths"].float().mean().item(),
             "objective/eos_rate": exp["ended_with_eos"].float().mean().item(),
-            "objective/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0})
+            "objective/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "objective/kl_coef": kl_ctl.value, "ppo/iterations": iteration + 1})
         if iteration == 0:
             metrics["objective/score_initial"] = metrics["objective/score"]
         print(f"ppo {iteration + 1}/{cfg.iterations}  score {metrics['objective/score']:+.3f}  "
               f"kl {metrics['objective/kl']:.3f}  len {metrics['objective/length']:.1f}  "
               f"eos {metrics['objective/eos_rate']:.2f}  loss {metrics['ppo/loss']:+.3f}  "
               f"approx_kl {metrics['ppo/approx_kl']:.4f}  clipfrac {metrics['ppo/clipfrac']:.3f}  "
-              f"epochs {metrics['ppo/epochs']}  ({rollout_s:.1f}s + {update_s:.1f}s)", flush=True)
+              f"epochs {metrics['ppo/epochs']}  beta {kl_ctl.value:.3f}  ({rollout_s:.1f}s + {update_s:.1f}s)", flush=True)
         if progress is not None:
             progress({"stage": "ppo", "step": iteration + 1, "steps": cfg.iterations,
                       **{k: metrics[k] for k in ("objective/score", "objective/kl", "objective/length", "ppo/loss",
-                                                 "ppo/approx_kl", "ppo/clipfrac")}})
+                                                 "ppo/approx_kl", "ppo/clipfrac", "objective/kl_coef")}})
     return metrics
 

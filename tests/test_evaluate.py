@@ -1,0 +1,111 @@
+"""Win rates with ties as half, the length-controlled win rate on synthetic votes, and evaluate with two judges."""
+import json
+
+import numpy as np
+import pytest
+
+from trainer.ratings import (bradley_terry, length_controlled_win_rate, relative_length_difference, sigmoid,
+                             win_rate_summary)
+
+
+def synthetic_votes(seed: int, n: int, skill: float, length_effect: float, policy_longer: bool):
+    """Outcomes drawn from P(policy wins) = σ(skill + length_effect·z), and the relative length differences z."""
+    rng = np.random.default_rng(seed)
+    tokens_policy = rng.integers(20, 160, n) if policy_longer else rng.integers(10, 110, n)
+    tokens_against = rng.integers(10, 110, n)
+    z = relative_length_difference(tokens_policy, tokens_against)
+    outcomes = (rng.random(n) < sigmoid(skill + length_effect * z)).astype(float)
+    return outcomes, z
+
+
+def test_length_control_removes_a_pure_length_effect():
+    # a judge that only likes longer answers, and a policy whose answers are longer: no better at equal length
+    outcomes, z = synthetic_votes(seed=0, n=400, skill=0.0, length_effect=4.0, policy_longer=True)
+    report = length_controlled_win_rate(outcomes, z, bootstrap=300)
+    low, high = report["length_controlled_interval"]
+    assert report["win_rate"] > 0.6, report
+    assert low <= 0.5 <= high and abs(report["length_controlled_win_rate"] - 0.5) < 0.05, report
+    assert report["length_effect_interval"][0] > 1.0, report
+
+
+def test_length_control_keeps_a_quality_effect_independent_of_length():
+    outcomes, z = synthetic_votes(seed=1, n=400, skill=0.8, length_effect=0.0, policy_longer=False)
+    report = length_controlled_win_rate(outcomes, z, bootstrap=300)
+    assert abs(report["length_controlled_win_rate"] - report["win_rate"]) < 0.02, report   # σ(0.8) = 0.69
+    assert report["length_effect_interval"][0] < 0 < report["length_effect_interval"][1], report
+
+
+def test_bootstrap_intervals_cover_the_true_rates_in_most_seeds():
+    raw_covered = controlled_covered = 0
+    for seed in range(20):
+        outcomes, z = synthetic_votes(seed=100 + seed, n=150, skill=0.6, length_effect=2.0, policy_longer=False)
+        low, high = length_controlled_win_rate(outcomes, z, bootstrap=300, seed=seed)["length_controlled_interval"]
+        controlled_covered += low <= sigmoid(0.6) <= high
+        coin = (np.random.default_rng(seed).random(150) < 0.65).astype(float)
+        low, high = win_rate_summary(coin, bootstrap=300, seed=seed)["win_rate_interval"]
+        raw_covered += low <= 0.65 <= high
+    assert raw_covered >= 16 and controlled_covered >= 16, (raw_covered, controlled_covered)   # 95% → 19 of 20
+
+
+def test_ties_count_as_half_a_win():
+    report = length_controlled_win_rate([1, 0, 0.5, 0.5, 1], np.zeros(5), bootstrap=100)
+    assert (report["wins"], report["losses"], report["ties"], report["comparisons"]) == (2, 1, 2, 5)
+    assert report["win_rate"] == pytest.approx(0.6) and report["decided_win_rate"] == pytest.approx(2 / 3)
+    assert report["length_controlled_win_rate"] == pytest.approx(0.6, abs=1e-3)   # no length differences
+    assert report["length_effect"] is None                                          # nothing to measure it on
+    assert length_controlled_win_rate([0.5] * 8, np.linspace(-0.5, 0.5, 8))["length_controlled_win_rate"] == \
+        pytest.approx(0.5)
+
+
+def test_one_sided_votes_give_finite_ratings():
+    report = length_controlled_win_rate([1.0] * 10, np.linspace(-0.3, 0.3, 10), bootstrap=50)
+    assert 0.99 < report["length_controlled_win_rate"] < 1.0 and np.isfinite(report["length_effect"])
+
+
+def test_bradley_terry_recovers_three_players_strengths():
+    rng = np.random.default_rng(0)
+    strength = {"base": 0.0, "v1": 0.7, "v2": 1.5}
+    comparisons = []
+    for _ in range(1500):
+        a, b = (str(p) for p in rng.choice(list(strength), size=2, replace=False))
+        comparisons.append((a, b, float(rng.random() < sigmoid(strength[a] - strength[b]))))
+    fit = bradley_terry(list(strength), comparisons, bootstrap=200)
+    assert fit["ratings"]["base"] == 0.0 < fit["ratings"]["v1"] < fit["ratings"]["v2"], fit
+    for player in ("v1", "v2"):
+        low, high = fit["intervals"][player]
+        assert abs(fit["ratings"][player] - strength[player]) < 0.3 and low < fit["ratings"][player] < high, fit
+
+
+def test_oracle_win_rate_reads_each_verdict_from_the_policys_side():
+    from trainer.evaluate import oracle_win_rate
+
+    def likes_good(prompt, answer_a, answer_b):
+        return "tie" if answer_a == answer_b else "a" if answer_a == "good" else "b"
+
+    report = oracle_win_rate(likes_good, ["q"] * 10, ["good"] * 6 + ["bad"] * 2 + ["same"] * 2,
+                             ["bad"] * 6 + ["good"] * 2 + ["same"] * 2, tokens_policy=[5] * 10,
+                             tokens_against=[5] * 10)
+    assert (report["wins"], report["losses"], report["ties"]) == (6, 2, 2)   # whichever order each was shown in
+    assert report["win_rate"] == pytest.approx(0.7) and report["decided_win_rate"] == pytest.approx(0.75)
+    assert report["length_controlled_win_rate"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_evaluate_asks_every_judge_about_the_same_answers(tiny_config, tmp_path, capsys):
+    from trainer.evaluate import evaluate_cli
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first question\nsecond question\nthird question\n")
+    out = tmp_path / "comparisons.jsonl"
+    result = evaluate_cli(tiny_config, oracles=["shorter", "complete"], prompts_file=str(prompts), policy="base",
+                          against="base", samples=2, out=str(out))
+    assert result["comparisons"] == 6 and result["prompts"] == 3 and set(result["judges"]) == {"shorter", "complete"}
+    for report in result["judges"].values():
+        assert report["wins"] + report["losses"] + report["ties"] == report["comparisons"] == 6
+        assert 0 <= report["length_controlled_win_rate"] <= 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(set(row["winners"]) == {"shorter", "complete"} for row in rows)
+    shorter_wins = sum(row["winners"]["shorter"] == "policy" for row in rows)
+    assert shorter_wins == result["judges"]["shorter"]["wins"]
+    summary = capsys.readouterr().err
+    assert "shorter: win " in summary and "complete: win " in summary and "length-controlled" in summary
+    assert json.dumps(result)   # the CLI prints it

@@ -1,0 +1,130 @@
+"""The feature-head reward model: learns, uses ties, calibrates, knows where it is unsure, caches features."""
+import random
+
+import pytest
+import torch
+
+from chat_app.config import load_config
+from chat_app.model import load_model
+from test_reward import TINY, separable_pairs
+from trainer.reward_heads import (HeadRewardModel, answer_features, calibration, fit_head,
+                                  train_head_reward_model)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    torch.set_num_threads(1)
+    return load_config(TINY)
+
+
+@pytest.fixture(scope="module")
+def base(cfg, tokenizer):
+    return load_model(cfg.model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def trained(cfg, base, tokenizer):
+    return train_head_reward_model(base, tokenizer, cfg.reward, separable_pairs(60), seed=0)
+
+
+def test_fit_head_recovers_a_known_direction():
+    generator = torch.Generator().manual_seed(0)
+    true_w = torch.tensor([2.0, -1.0, 0.0, 0.0])
+    diffs = torch.randn(400, 4, generator=generator)
+    outcomes = (torch.rand(400, generator=generator) < torch.sigmoid(diffs @ true_w)).float()
+    w = fit_head(diffs, outcomes, l2=1e-4)["w"]
+    assert torch.nn.functional.cosine_similarity(w, true_w, dim=0) > 0.95
+
+
+def test_ties_pull_a_direction_towards_zero():
+    """Pairs that differ along feature 1 always tie: with ties used, the head gives feature 1 less weight."""
+    generator = torch.Generator().manual_seed(1)
+    decided = torch.randn(100, 2, generator=generator)
+    outcomes = (decided[:, 0] + 0.5 * decided[:, 1] > 0).float()
+    tied = torch.stack([torch.zeros(100), torch.randn(100, generator=generator)], 1)
+    diffs, all_outcomes = torch.cat([decided, tied]), torch.cat([outcomes, torch.full((100,), 0.5)])
+    without = fit_head(decided, outcomes, l2=1e-3)["w"]
+    with_ties = fit_head(diffs, all_outcomes, l2=1e-3)
+    ratio = lambda w: abs(w[1] / w[0]).item()                   # noqa: E731; feature 1's weight relative to 0's
+    assert ratio(with_ties["w"]) < 0.7 * ratio(without), (with_ties["w"], without)
+    assert with_ties["log_nu"] > -5                          # ν is fitted: ties are likely, not impossible
+
+
+def test_learns_separable_pairs_on_prompts_it_never_saw(trained):
+    rm, metrics = trained
+    assert metrics["rm/heldout_pairs"] > 0
+    assert metrics["rm/accuracy"] >= 0.9
+    assert metrics["rm/cv_accuracy"] >= 0.85
+    assert 0 <= metrics["rm/ece"] <= 0.5 and metrics["rm/l2"] in load_config(TINY).reward.l2_grid
+
+
+def test_calibration_by_hand():
+    probabilities = torch.tensor([0.9, 0.9, 0.6, 0.6])
+    correct = torch.tensor([True, False, True, True])
+    result = calibration(probabilities, correct, bins=5)
+    # two bins: 0.9 predicted, half right (gap 0.4); 0.6 predicted, all right (gap 0.4)
+    assert result["ece"] == pytest.approx(0.4, abs=1e-6)
+    assert result["brier"] == pytest.approx((0.01 + 0.81 + 0.16 + 0.16) / 4, abs=1e-6)
+
+
+def test_uncertainty_is_higher_away_from_the_training_data(trained, tokenizer):
+    rm, _ = trained
+    pairs = separable_pairs(60)
+    near = rm.score_with_uncertainty([p["prompt_messages"] for p in pairs[:20]], [p["chosen"] for p in pairs[:20]])[1]
+    rng = random.Random(3)
+    words = ["qzx", "Ωμέγα", "1234567", "#{}[]", "lorem", "ipsum", "ÆØÅ", "汉字", "zzz", "→→"]
+    strange = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(20)]
+    far = rm.score_with_uncertainty([[{"role": "user", "content": "?"}]] * 20, strange)[1]
+    assert far.mean() > 1.5 * near.mean()
+
+
+def test_scores_are_the_base_models_even_over_a_policy_adapter(cfg, tokenizer, trained):
+    """The pipeline hands the policy (base + LoRA) as the backbone: features must ignore the adapter."""
+    from trainer.ppo import make_policy
+
+    rm, _ = trained
+    pairs = separable_pairs(8)
+    prompts, answers = [p["prompt_messages"] for p in pairs], [p["chosen"] for p in pairs]
+    before = rm.score(prompts, answers)
+    policy = make_policy(load_model(cfg.model, tokenizer), cfg.lora)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_()                                 # an adapter that changes the model a lot
+    scored = HeadRewardModel(policy, tokenizer, rm.ensemble, rm.max_length)
+    assert torch.allclose(scored.score(prompts, answers), before, atol=1e-4)
+
+
+def test_features_are_cached_so_a_retrain_reads_only_new_votes(cfg, base, tokenizer, trained, tmp_path):
+    rm, _ = trained
+    rm.save(tmp_path / "reward")
+    pairs = separable_pairs(60) + [{**p, "comparison_id": 1000 + i} for i, p in enumerate(separable_pairs(10, seed=5))]
+    again, metrics = train_head_reward_model(base, tokenizer, cfg.reward, pairs, previous=tmp_path / "reward")
+    assert metrics["rm/new_pairs"] == 10
+    loaded = HeadRewardModel.load(base, tokenizer, tmp_path / "reward")
+    answers = [p["chosen"] for p in pairs[:5]]
+    prompts = [p["prompt_messages"] for p in pairs[:5]]
+    assert torch.allclose(loaded.score(prompts, answers), rm.score(prompts, answers), atol=1e-5)
+    cached = answer_features(base, tokenizer, prompts[:1], answers[:1], cfg.reward.max_length)[0]
+    assert torch.allclose(loaded.feature_cache[0][0], cached, atol=1e-4)
+
+
+def test_too_few_pairs_is_skipped(cfg, base, tokenizer):
+    rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, separable_pairs(3))
+    assert rm is None and "skipped" in metrics["rm/skipped"]
+
+
+def test_the_pair_shown_is_the_one_whose_order_is_least_certain():
+    from trainer.reward_heads import HeadEnsemble, most_uncertain_pair, order_probabilities
+
+    # two heads over one feature each... candidates 0 and 1 agree (clear order), 2 and 3 split the heads
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ensemble = HeadEnsemble(torch.zeros(2), torch.ones(2), weights)
+    features = torch.tensor([[3.0, 3.0], [-3.0, -3.0], [2.0, -2.0], [-2.0, 2.0]])
+    probabilities = order_probabilities(ensemble, features)
+    assert probabilities[0, 1] > 0.99 and probabilities[1, 0] < 0.01
+    assert torch.allclose(probabilities + probabilities.T, torch.ones(4, 4))
+    assert most_uncertain_pair(probabilities) == (2, 3)
+    expected = min(((i, j) for i in range(4) for j in range(i + 1, 4)),
+                   key=lambda ij: abs(probabilities[ij] - 0.5))
+    assert most_uncertain_pair(probabilities) == expected
