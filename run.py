@@ -46,16 +46,16 @@ def parse_args(argv=None):
     p.add_argument("--no-ui", action="store_true", help="serve the HTTP API only, without the Gradio UI")
     p = command("retrain", "run one training cycle (SFT, reward model, PPO, gate) and print a JSON summary")
     p.add_argument("--run-id", type=int, help="(set by the scheduler) the training_runs row to report into")
+    from trainer.oracles import BUILTIN   # a small module: no model libraries load to parse arguments
+
     p = command("simulate", "run the loop headless with simulated users")
     p.add_argument("--oracle", required=True,
-                   help="a built-in simulated user (shorter, complete, concise) or module:function with "
+                   help=f"a built-in simulated user ({', '.join(BUILTIN)}) or module:function with "
                         "judge(prompt, answer_a, answer_b) -> 'a'|'b'|'tie'")
     p.add_argument("--prompts", help="JSONL with a prompt field, or plain lines (default: the seed prompts)")
     p.add_argument("--votes", type=positive_int, default=100, help="votes per cycle (default 100)")
     p.add_argument("--cycles", type=positive_int, default=1, help="rounds of votes + retraining (default 1)")
     p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
-    from trainer.oracles import BUILTIN   # a small module: no model libraries load to parse arguments
-
     p = command("evaluate", "win rates of one policy against another, raw and length-controlled, by one or more judges")
     p.add_argument("--oracle", action="append", required=True, metavar="JUDGE",
                    help=f"a built-in judge ({', '.join(BUILTIN)}) or module:function; repeat it or give a "

@@ -98,22 +98,32 @@ def sampling_settings(max_new_tokens: int, temperature: float, top_p: float) -> 
 
 
 def start_pair(store: Store, engine, messages: list[dict], *, source: str, max_new_tokens: int,
-               temperature: float, top_p: float, conversation_id: str | None = None):
-    """Reserve a comparison and queue two answers; returns (comparison_id, engine request)."""
-    seeds = [random.randrange(2**31) for _ in range(2)]
+               temperature: float, top_p: float, conversation_id: str | None = None, candidates: int = 2):
+    """Reserve a comparison and queue `candidates` answers (two are shown); returns (comparison_id, engine request)."""
+    seeds = [random.randrange(2**31) for _ in range(max(2, candidates))]
     comparison_id = store.create_comparison(
         prompt_messages=messages, sampling=sampling_settings(max_new_tokens, temperature, top_p),
         source=source, conversation_id=conversation_id, seeds=seeds)
-    request = engine.submit(messages, n=2, max_new_tokens=max_new_tokens, temperature=temperature,
+    request = engine.submit(messages, n=len(seeds), max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, seeds=seeds)
     return comparison_id, request
 
 
-def finish_pair(store: Store, comparison_id: int, result) -> None:
-    """Store both answers of a finished pair with the version that produced them."""
-    store.complete_comparison(comparison_id, answer_a=result.texts[0], answer_b=result.texts[1],
+def finish_pair(store: Store, comparison_id: int, result, picker=None) -> tuple[int, int]:
+    """Store the two answers shown with the version that produced them; returns their indices in `result`.
+
+    With more than two candidates and a `picker` (trainer.reward_heads.PairPicker), the two shown are the pair
+    whose order the reward model is least sure of; without one, the first two."""
+    i, j, extra = 0, 1, {}
+    if picker is not None and len(result.texts) > 2:
+        i, j, p_a = picker.pick(result.prompt_messages, result.texts)
+        extra = {"candidates": len(result.texts), "picked": [i, j], "rm_p_a": round(p_a, 4)}
+    store.complete_comparison(comparison_id, answer_a=result.texts[i], answer_b=result.texts[j],
                               policy_version=result.version, latency_ms=result.latency_ms,
-                              ended_with_eos=tuple(result.ended_with_eos), turns_dropped=result.turns_dropped)
+                              ended_with_eos=(result.ended_with_eos[i], result.ended_with_eos[j]),
+                              turns_dropped=result.turns_dropped, seeds=(result.seeds[i], result.seeds[j]),
+                              sampling_extra=extra)
+    return i, j
 
 
 def truncation_notice(turns_dropped: int) -> str:

@@ -55,6 +55,10 @@ class ServeConfig:
     """Serve each version as a merged copy built outside the engine thread (a swap pauses serving ~0 ms; 2x the
     weights in memory while old answers finish). Off, and always over a 4-bit base: a copy with the LoRA adapter
     unmerged, also built outside the engine thread (each step pays for the adapter's matrices)."""
+    candidates: int = 2
+    """Answers sampled per comparison. Above 2, once the serving version has a reward model of heads, the two
+    shown are the pair whose order it is least sure of (trainer/reward_heads.PairPicker): votes land where they
+    teach it most. Used by `simulate` (the chat page streams two answers as they come and stays at 2)."""
     max_batch_requests: int = 8
     """How many waiting requests the engine batches into one `generate` call."""
     system_prompt: str = ""
@@ -73,6 +77,10 @@ class LoraConfig:
     """0: PPO's ratio must compare the same function [N+ details: no dropout]."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    layer_fraction: float = 0.5
+    """LoRA on the top share of the layers (1: all). Backpropagation then stops halfway down: a PPO minibatch of
+    4 x 160 tokens on SmolLM2 took 13.6 s against 20 s with every layer (1 thread), and on 2 CPU cores the number
+    of policy updates a cycle can afford is what limits learning (issue 12)."""
 
 
 @dataclass
@@ -115,7 +123,7 @@ class RewardConfig:
 class PPOConfig:
     iterations: int = 40
     """The most PPO iterations a cycle runs; `max_minutes` usually stops it first."""
-    max_minutes: float = 9.0
+    max_minutes: float = 10.0
     """Stop starting iterations once the next would end past this many minutes of PPO (0: no limit). The cycle's
     budget: at 300 votes on 2 cores the reward model takes ~1-2 min, the gate ~1 min (issue 12: <= 15 min)."""
     rollout_prompts: int = 8
@@ -131,7 +139,8 @@ class PPOConfig:
     """0 samples rollouts from the whole vocabulary, as the logprobs assume; k > 0 focuses on the k likeliest."""
     fast_rollouts: bool = True
     """Sample rollouts with the packed copy of the current policy (CPU fp32 Llamas; chat_app/packed.py)."""
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
+    """A cycle affords a few dozen updates on CPU; the adaptive KL target, the clip and `target_kl` keep each in check."""
     kl_coef: float = 0.05
     """β in the per-token penalty β·(logp − logp_ref), the starting value when `kl_target` is set."""
     kl_target: float = 6.0
@@ -146,7 +155,8 @@ class PPOConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     """GAE λ. γ stays 1: an episode is one answer."""
-    epochs: int = 4
+    epochs: int = 2
+    """Passes over each rollout batch. 2, not the usual 4: on CPU an epoch costs about as much as the rollout."""
     minibatch_size: int = 4
     """Answers per optimizer step; with `epochs`, 16 rollouts make 16 steps: more learning per rollout minute on
     CPU, where the cost is per token, not per step (issue 12)."""
@@ -176,7 +186,8 @@ class SFTConfig:
 class GateConfig:
     eval_prompts: int = 16
     """Held-out prompts the candidate and the serving policy both answer."""
-    samples_per_prompt: int = 2
+    samples_per_prompt: int = 1
+    """1: the gate at 128 tokens took 5 min of a cycle with 2 (issue 12); its uncertainty says what 16 answers tell."""
     min_reward_gain: float = 0.0
     """Candidate's mean RM score must beat the serving policy's by more than this (plus `min_gain_in_std` ×
     the gain's uncertainty)."""

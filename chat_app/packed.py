@@ -109,8 +109,9 @@ def _effective_weight(linear: nn.Module) -> torch.Tensor:
     return weight
 
 
+# layers_to_transform is plain LoRA too: the layers it leaves out have no tensors in the file, so no delta
 _PLAIN_LORA_OFF = ("use_dora", "fan_in_fan_out", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save",
-                   "trainable_token_indices", "layers_to_transform", "use_qalora", "use_bdlora", "target_parameters")
+                   "trainable_token_indices", "use_qalora", "use_bdlora", "target_parameters")
 
 
 @torch.no_grad()

@@ -119,15 +119,25 @@ class Store:
 
     def complete_comparison(self, comparison_id: int, *, answer_a: str, answer_b: str, policy_version: str,
                             latency_ms: float | None = None, ended_with_eos: tuple[bool, bool] | None = None,
-                            turns_dropped: int = 0) -> None:
-        """Store both sampled answers; only then can the comparison be voted on."""
+                            turns_dropped: int = 0, seeds: tuple[int, int] | None = None,
+                            sampling_extra: dict | None = None) -> None:
+        """Store both sampled answers; only then can the comparison be voted on. `seeds`: the shown answers' seeds
+        when they were picked from more candidates; `sampling_extra` is merged into the sampling settings."""
         eos = list(ended_with_eos or (None, None))
-        with self.lock:
+        with self.lock, self.db.atomic():
             self.db.execute(
                 """UPDATE comparisons SET answer_a = ?, answer_b = ?, policy_version = ?, latency_ms = ?,
                    ended_with_eos_a = ?, ended_with_eos_b = ?, turns_dropped = ?, completed_at = ? WHERE id = ?""",
                 [answer_a, answer_b, policy_version, latency_ms, eos[0], eos[1], turns_dropped, utc_now(),
                  comparison_id])
+            if seeds is not None:
+                self.db.execute("UPDATE comparisons SET seed_a = ?, seed_b = ? WHERE id = ?",
+                                [seeds[0], seeds[1], comparison_id])
+            if sampling_extra:
+                row = self._one("SELECT sampling_json FROM comparisons WHERE id = ?", [comparison_id])
+                sampling = {**json.loads(row["sampling_json"] or "{}"), **sampling_extra}
+                self.db.execute("UPDATE comparisons SET sampling_json = ? WHERE id = ?",
+                                [json.dumps(sampling), comparison_id])
 
     def delete_comparison(self, comparison_id: int) -> None:
         """Forget a reserved comparison whose sampling failed (never one with a vote)."""

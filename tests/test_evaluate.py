@@ -109,3 +109,34 @@ def test_evaluate_asks_every_judge_about_the_same_answers(tiny_config, tmp_path,
     summary = capsys.readouterr().err
     assert "shorter: win " in summary and "complete: win " in summary and "length-controlled" in summary
     assert json.dumps(result)   # the CLI prints it
+
+
+def test_gate_figures_separate_a_pure_length_gain_from_a_real_one():
+    """The gate's reward gain at equal length: ~0 when the reward model only pays for length, the whole gain when
+    the candidate is better at every length; the uncertainty includes the heads' disagreement."""
+    import random as _random
+
+    from trainer.evaluate import gate_decision, gate_figures
+    from chat_app.config import GateConfig
+
+    rng = _random.Random(0)
+    serving_lengths = [rng.randint(40, 120) for _ in range(64)]
+    candidate_lengths = [n + 30 for n in serving_lengths]            # the candidate only got longer
+
+    def stats(lengths, bonus, heads_noise):
+        scores = [0.02 * n + bonus + rng.gauss(0, 0.1) for n in lengths]
+        members = [[s + heads_noise * (k - 1.5) for s in scores] for k in range(4)]
+        return {"scores": scores, "member_scores": members, "lengths": lengths,
+                "score": sum(scores) / len(scores), "length": sum(lengths) / len(lengths), "kl": 2.0}
+
+    longer = gate_figures(stats(candidate_lengths, 0.0, 0.0), stats(serving_lengths, 0.0, 0.0))
+    assert longer["eval/reward_gain"] > 0.5 and abs(longer["eval/reward_gain_lc"]) < 0.15
+    assert longer["eval/length_ratio"] > 1.3
+    better = gate_figures(stats(serving_lengths, 0.5, 0.0), stats(serving_lengths, 0.0, 0.0))
+    assert abs(better["eval/reward_gain_lc"] - 0.5) < 0.1 and abs(better["eval/reward_gain"] - 0.5) < 0.1
+    unsure = gate_figures(stats(serving_lengths, 0.5, 0.4), stats(serving_lengths, 0.0, 0.0))
+    assert unsure["eval/reward_gain_std"] > better["eval/reward_gain_std"]
+    passed, reason = gate_decision(stats(serving_lengths, 0.5, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
+    assert passed and "at equal length" in reason
+    passed, reason = gate_decision(stats(serving_lengths, 0.01, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
+    assert not passed and "uncertainty" in reason

@@ -128,3 +128,30 @@ def test_the_pair_shown_is_the_one_whose_order_is_least_certain():
     expected = min(((i, j) for i in range(4) for j in range(i + 1, 4)),
                    key=lambda ij: abs(probabilities[ij] - 0.5))
     assert most_uncertain_pair(probabilities) == expected
+
+
+def test_a_comparison_stores_the_picked_pair(trained, base, tokenizer, store, tmp_path):
+    from types import SimpleNamespace
+
+    from chat_app.chat import finish_pair
+    from trainer.reward_heads import PairPicker
+
+    rm, _ = trained
+    rm.save(tmp_path / "reward")
+    picker = PairPicker.from_folder(base, tokenizer, tmp_path / "reward")
+    assert PairPicker.from_folder(base, tokenizer, tmp_path) is None          # no heads there: no picking
+    prompt = [{"role": "user", "content": "Tell me about owls."}]
+    texts = ["Owls are wonderful and lovely.", "Owls are terrible and awful.", "Owls are lovely and delightful.",
+             "Owls are dreadful and boring."]
+    cid = store.create_comparison(prompt_messages=prompt, sampling={"max_new_tokens": 16}, source="test",
+                                  seeds=[11, 12, 13, 14])
+    result = SimpleNamespace(texts=texts, ended_with_eos=[True, False, True, False], version="v1", seeds=[11, 12, 13, 14],
+                             prompt_messages=prompt, latency_ms=5.0, turns_dropped=0)
+    i, j = finish_pair(store, cid, result, picker)
+    expected = picker.pick(prompt, texts)[:2]
+    assert (i, j) == expected
+    row = store.comparison(cid)
+    assert (row["answer_a"], row["answer_b"]) == (texts[i], texts[j])
+    assert (row["seed_a"], row["seed_b"]) == (11 + i, 11 + j)
+    sampling = row["sampling"]
+    assert sampling["candidates"] == 4 and sampling["picked"] == [i, j] and sampling["max_new_tokens"] == 16

@@ -80,9 +80,12 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
         from trainer.reward_heads import is_head_reward_model, train_head_reward_model
 
         base = load_model(config.model, tokenizer)          # read frozen, then wrapped by the policy's LoRA below
+        # features depend on the base and the votes only: the newest version's cache serves, even a rejected one's
+        cached = next((v["reward_adapter_path"] for v in reversed(store.versions())
+                       if is_head_reward_model(v.get("reward_adapter_path"))), None)
         reward_model, rm_metrics = train_head_reward_model(
             base, tokenizer, config.reward, store.preference_pairs(include_ties=config.reward.use_ties),
-            previous=previous_rm if is_head_reward_model(previous_rm) else None, progress=progress, seed=0)
+            previous=cached, progress=progress, seed=0)
     else:
         warm = config.reward.warm_start and previous_rm and Path(previous_rm).exists() \
             and not (Path(previous_rm) / "reward_heads.json").exists()

@@ -159,8 +159,11 @@ def make_policy(base_model, lora_cfg: LoraConfig, init_adapter: str | None = Non
     if init_adapter:
         policy = PeftModel.from_pretrained(base_model, init_adapter, is_trainable=True)
     else:
+        layers = base_model.config.num_hidden_layers
+        first = layers - max(1, round(layers * lora_cfg.layer_fraction))
         peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                  target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                                  target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+                                  layers_to_transform=list(range(first, layers)) if first > 0 else None)
         policy = get_peft_model(base_model, peft_cfg)
     policy.eval()                                               # no dropout anywhere; gradients still flow [N+ details]
     return policy

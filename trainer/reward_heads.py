@@ -414,3 +414,28 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
           f"l2 {l2:g}, T {temperature:.2f}, {len(missing)} pairs read, {metrics['time/reward_s']:.1f} s",
           flush=True)
     return rm, metrics
+
+
+class PairPicker:
+    """Of k candidate answers, the pair to show: the one whose order the reward model is least sure of
+    ("asks for human feedback on trajectory pairs where it's most uncertain", Christiano et al. 2017). One
+    forward of the base model per candidate; `backbone` is the serving process's base model, read-only."""
+
+    def __init__(self, reward_model: HeadRewardModel):
+        self.reward_model = reward_model
+        self.picks = 0
+
+    @classmethod
+    def from_folder(cls, backbone, tokenizer, folder: str | Path | None) -> "PairPicker | None":
+        """A picker over a version's reward heads; None when the folder holds none (no votes yet, or a LoRA RM)."""
+        if not is_head_reward_model(folder):
+            return None
+        return cls(HeadRewardModel.load(backbone, tokenizer, folder))
+
+    def pick(self, prompt_messages: list[dict], texts: list[str]) -> tuple[int, int, float]:
+        """(i, j, P(i beats j)) for the most uncertain pair of `texts`."""
+        features = self.reward_model.features([prompt_messages] * len(texts), texts)
+        probabilities = order_probabilities(self.reward_model.ensemble, features)
+        i, j = most_uncertain_pair(probabilities)
+        self.picks += 1
+        return i, j, probabilities[i, j].item()

@@ -11,8 +11,9 @@ from trainer.oracles import load_oracle
 
 
 def collect_votes(store, engine, judge, prompts: list[str], votes: int, sampling: dict, voter: str,
-                  batch: int = 8, seed: int = 0) -> dict:
-    """Sample `votes` pairs through the engine, let the judge vote, store everything as simulated."""
+                  batch: int = 8, seed: int = 0, candidates: int = 2, picker=None) -> dict:
+    """Sample `votes` pairs through the engine, let the judge vote, store everything as simulated. With
+    `candidates` > 2 and a `picker`, the pair voted on is the one the reward model is least sure of."""
     from chat_app.chat import cast_vote, finish_pair, start_pair
 
     rng = random.Random(seed)
@@ -22,12 +23,13 @@ def collect_votes(store, engine, judge, prompts: list[str], votes: int, sampling
         wave = []
         for _ in range(min(batch, votes - done)):
             prompt = rng.choice(prompts)
-            cid, job = start_pair(store, engine, as_messages(prompt), source="simulated", **sampling)
+            cid, job = start_pair(store, engine, as_messages(prompt), source="simulated",
+                                  candidates=candidates if picker else 2, **sampling)
             wave.append((prompt, cid, job))
         for prompt, cid, job in wave:
             result = job.result()
-            finish_pair(store, cid, result)
-            choice = judge(prompt, result.texts[0], result.texts[1])
+            i, j = finish_pair(store, cid, result, picker)
+            choice = judge(prompt, result.texts[i], result.texts[j])
             status, message = cast_vote(store, cid, choice, voter=voter)
             if status != "ok":
                 raise RuntimeError(message)
@@ -61,17 +63,26 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
                 "top_p": config.serve.top_p}
     summaries = []
     for cycle in range(1, cycles + 1):
-        print(f"cycle {cycle}/{cycles}: {votes} simulated votes by {oracle} on {engine.version}", flush=True)
+        picker = None
+        if config.serve.candidates > 2 and store.serving_version():   # a reward model exists: ask where it is unsure
+            from trainer.reward_heads import PairPicker
+
+            picker = PairPicker.from_folder(engine.base_model, tokenizer,
+                                            store.serving_version().get("reward_adapter_path"))
+        print(f"cycle {cycle}/{cycles}: {votes} simulated votes by {oracle} on {engine.version}"
+              + (f", the most uncertain pair of {config.serve.candidates} answers" if picker else ""), flush=True)
         t0 = time.perf_counter()
         tally = collect_votes(store, engine, judge, prompts, votes, sampling, voter=f"oracle:{oracle}",
-                              batch=config.serve.max_batch_requests, seed=cycle)
+                              batch=config.serve.max_batch_requests, seed=cycle, candidates=config.serve.candidates,
+                              picker=picker)
         vote_s = time.perf_counter() - t0
         summary = retrain(config, promote=True)
         if summary.get("promoted"):
             engine.swap(str(config.serve.adapters_dir) + "/" + summary["version"], summary["version"])
-        keys = ["status", "version", "reason", "rm/accuracy", "rm/heldout_pairs", "objective/score", "objective/kl",
+        keys = ["status", "version", "reason", "rm/accuracy", "rm/heldout_pairs", "rm/cv_accuracy", "rm/ece",
+                "objective/score", "objective/kl", "eval/reward_gain_std", "eval/reward_gain_lc",
                 "eval/reward_gain", "eval/candidate_kl", "eval/candidate_length", "eval/serving_length",
-                "time/reward_s", "time/ppo_s", "time/gate_s", "time/total_s"]
+                "time/reward_s", "time/ppo_s", "time/gate_s", "time/total_s", "ppo/iterations"]
         line = {"cycle": cycle, "votes": tally, "time/votes_s": round(vote_s, 1), "serving": engine.version,
                 **{k: summary.get(k) for k in keys if k in summary}}
         print(json.dumps(line), flush=True)
