@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, TINY
+from conftest import ROOT, TINY
 
 
 def test_bench_reports_every_figure_beside_its_baseline():

@@ -29,7 +29,7 @@ def app(tiny_config):
 
 
 def test_new_votes_count_from_the_last_run_and_settings_survive_a_restart(app):
-    from tests.test_store import make_pair
+    from test_store import make_pair
 
     scheduler = RetrainScheduler(app)
     scheduler.start()

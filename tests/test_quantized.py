@@ -75,7 +75,7 @@ def test_the_bench_measures_the_4bit_base(tiny_config, tokenizer):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, TINY
+    from conftest import ROOT, TINY
 
     out = subprocess.run([sys.executable, str(ROOT / "run.py"), "bench", "--config", TINY, "--json",
                           "--set", "model.quantization=4bit", "--iterations", "1", "--ppo-batch", "4",
