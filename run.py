@@ -61,9 +61,11 @@ def parse_args(argv=None):
                    help=f"a built-in judge ({', '.join(BUILTIN)}) or module:function; repeat it or give a "
                         "comma-separated list to ask several judges about the same answers")
     p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or plain lines")
-    p.add_argument("--policy", default="latest")
-    p.add_argument("--against", default="base")
-    p.add_argument("--samples", type=int, default=1, help="answers per prompt and policy")
+    p.add_argument("--policy", default="latest",
+                   help="a version id (v3), base, or latest (default): the newest version the gate did not reject, or the "
+                        "newest of all when it rejected every one")
+    p.add_argument("--against", default="base", help="the version it plays against, as --policy (default base)")
+    p.add_argument("--samples", type=positive_int, default=1, help="answers per prompt and policy (default 1)")
     p.add_argument("--out", metavar="FILE", help="write every comparison (answers, token counts, verdicts) as JSONL")
     p = command("bench", "measure serving and training speed")
     p.add_argument("--json", action="store_true")
@@ -137,8 +139,12 @@ def main(argv=None):
         from trainer.evaluate import evaluate_cli
 
         oracles = [name.strip() for names in args.oracle for name in names.split(",") if name.strip()]
-        print(json.dumps(evaluate_cli(config, oracles=oracles, prompts_file=args.prompts, policy=args.policy,
-                                      against=args.against, samples=args.samples, out=args.out), indent=2))
+        try:
+            result = evaluate_cli(config, oracles=oracles, prompts_file=args.prompts, policy=args.policy,
+                                  against=args.against, samples=args.samples, out=args.out)
+        except (ValueError, OSError) as error:   # a misspelt judge or version, a missing or empty prompts file
+            sys.exit(f"run.py: evaluate: {error}")
+        print(json.dumps(result, indent=2))
     elif args.command == "bench":
         from chat_app.bench import bench
 

@@ -140,3 +140,33 @@ def test_gate_figures_separate_a_pure_length_gain_from_a_real_one():
     assert passed and "at equal length" in reason
     passed, reason = gate_decision(stats(serving_lengths, 0.01, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
     assert not passed and "uncertainty" in reason
+    same = [64] * 16                                                  # every answer cut at the same length
+    even = gate_figures(stats(same, 0.5, 0.0), stats(same, 0.0, 0.0))
+    assert abs(even["eval/reward_gain_lc"] - even["eval/reward_gain"]) < 1e-5 and even["eval/reward_per_length_std"] == 0.0
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--oracle", "nonesuch"], "unknown oracle 'nonesuch'"),
+    (["--oracle", "shorter", "--policy", "v99"], "no policy version 'v99'"),
+    (["--oracle", "shorter", "--prompts", "missing.txt"], "missing.txt"),
+])
+def test_evaluate_refuses_bad_arguments_in_one_line_before_loading_a_model(args, said, tmp_path, capsys):
+    """A misspelt judge, an unknown version or a missing prompts file is a one-line error, not a traceback."""
+    import run
+    from chat_app.store import Store
+
+    from conftest import TINY
+
+    Store(tmp_path / "feedback.db")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a question\n")
+    argv = ["evaluate", "--config", TINY, "--db", str(tmp_path / "feedback.db"), "--prompts", str(prompts), *args]
+    if "missing.txt" in args:
+        argv[argv.index(str(prompts))] = str(tmp_path / "missing.txt")
+        argv = argv[:-2]
+    with pytest.raises(SystemExit) as stopped:
+        run.main(argv)
+    assert str(stopped.value).startswith("run.py: evaluate: ") and said in str(stopped.value)
+    with pytest.raises(SystemExit) as stopped:
+        run.main(["evaluate", "--oracle", "shorter", "--prompts", str(prompts), "--samples", "0"])
+    assert stopped.value.code == 2 and "must be at least 1" in capsys.readouterr().err

@@ -119,13 +119,17 @@ def gate_figures(candidate: dict, serving: dict) -> dict:
     if candidate.get("member_scores") and serving.get("member_scores"):
         member_gains = torch.tensor(candidate["member_scores"]).mean(1) - torch.tensor(serving["member_scores"]).mean(1)
         heads_var = member_gains.var().item() if len(member_gains) > 1 else 0.0
-    lengths = torch.tensor(candidate["lengths"] + serving["lengths"], dtype=torch.float)
-    is_candidate = torch.cat([torch.ones(len(cand)), torch.zeros(len(serv))])
-    design = torch.stack([torch.ones_like(lengths), (lengths - lengths.mean()) / lengths.std().clamp(min=1e-6),
-                          is_candidate], 1)
-    coef = torch.linalg.lstsq(design, torch.cat([cand, serv])[:, None]).solution[:, 0]
+    lengths = torch.tensor(candidate["lengths"] + serving["lengths"], dtype=torch.float64)
+    scores = torch.cat([cand, serv]).double()
+    is_candidate = torch.cat([torch.ones(len(cand)), torch.zeros(len(serv))]).double()
+    columns = [torch.ones_like(lengths), is_candidate]
+    if lengths.std() > 1e-6:             # equal lengths leave nothing to control for (and a rank-deficient fit)
+        columns.append((lengths - lengths.mean()) / lengths.std())
+    design = torch.stack(columns, 1)
+    coef = torch.linalg.pinv(design) @ scores   # the minimum-norm least squares: deterministic on every CPU
+    per_length = coef[2].item() if len(coef) > 2 else 0.0
     return {"eval/reward_gain": gain, "eval/reward_gain_std": math.sqrt(sampling_var + heads_var),
-            "eval/reward_gain_lc": coef[2].item(), "eval/reward_per_length_std": coef[1].item(),
+            "eval/reward_gain_lc": coef[1].item(), "eval/reward_per_length_std": per_length,
             "eval/length_ratio": candidate["length"] / max(serving["length"], 1e-6)}
 
 
@@ -196,15 +200,15 @@ def judge_pairs(judge, prompts: list[str], answers_policy: list[str], answers_ag
 
 
 def summary_line(name: str, report: dict) -> str:
-    """`name: win 0.62 [0.55, 0.69] (112-68-20 of 200), length-controlled 0.58 [0.50, 0.66], length effect +0.31`"""
+    """`name: win 0.62 [0.55, 0.69] (won-lost-tied 112-68-20 of 200), length-controlled 0.58 [0.50, 0.66], length effect +0.31`"""
     if not report["comparisons"]:
         return f"{name}: no comparisons"
     low, high = report["win_rate_interval"]
     lc_low, lc_high = report["length_controlled_interval"]
     effect = "n/a" if report["length_effect"] is None else f"{report['length_effect']:+.2f}"
-    return (f"{name}: win {report['win_rate']:.2f} [{low:.2f}, {high:.2f}] ({report['wins']}-{report['losses']}-"
-            f"{report['ties']} of {report['comparisons']}), length-controlled "
-            f"{report['length_controlled_win_rate']:.2f} [{lc_low:.2f}, {lc_high:.2f}], length effect {effect}")
+    return (f"{name}: win {report['win_rate']:.2f} [{low:.2f}, {high:.2f}] "
+            f"(won-lost-tied {report['wins']}-{report['losses']}-{report['ties']} of {report['comparisons']}), "
+            f"length-controlled {report['length_controlled_win_rate']:.2f} [{lc_low:.2f}, {lc_high:.2f}], length effect {effect}")
 
 
 def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str, policy: str, against: str,
@@ -226,11 +230,13 @@ def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str,
         raise ValueError("evaluate needs at least one oracle")
     store = Store(config.serve.db_path)
     prompt_texts = load_prompts(prompts_file)
+    if not prompt_texts:
+        raise ValueError(f"no prompts in {prompts_file}")
+    versions = {side: resolve_version(store, version) for side, version in (("policy", policy), ("against", against))}
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
     names = {}
-    for side, version in (("policy", policy), ("against", against)):
-        version_id, path = resolve_version(store, version)
+    for side, (version_id, path) in versions.items():
         names[side] = version_id
         if path is None:
             continue

@@ -81,7 +81,7 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
             engine.swap(str(config.serve.adapters_dir) + "/" + summary["version"], summary["version"])
         keys = ["status", "version", "reason", "rm/accuracy", "rm/heldout_pairs", "rm/cv_accuracy", "rm/ece",
                 "objective/score", "objective/kl", "eval/reward_gain_std", "eval/reward_gain_lc",
-                "eval/reward_gain", "eval/candidate_kl", "eval/candidate_length", "eval/serving_length",
+                "eval/reward_gain", "eval/candidate_kl", "eval/candidate_length", "eval/serving_length", "eval/length_ratio",
                 "time/reward_s", "time/ppo_s", "time/gate_s", "time/total_s", "ppo/iterations"]
         line = {"cycle": cycle, "votes": tally, "time/votes_s": round(vote_s, 1), "serving": engine.version,
                 **{k: summary.get(k) for k in keys if k in summary}}
