@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from chat_app.app import App
 from chat_app.chat import ChatInputError, cast_vote, clean_messages, finish_pair, start_pair, with_system_prompt
+from chat_app.metrics import register_metrics
 from chat_app.status import public_status
 
 
@@ -209,6 +210,7 @@ def register_api(api: FastAPI, app: App) -> None:
     async def healthz():
         return "ok"
 
+    register_metrics(api, app.metrics)   # GET /metrics, and the middleware that counts requests by route
     register_operator_api(api, app)
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]

@@ -10,6 +10,7 @@ import torch
 
 from chat_app.config import Config
 from chat_app.engine import GenerationEngine
+from chat_app.metrics import Metrics
 from chat_app.model import load_model, load_tokenizer
 from chat_app.store import Store
 
@@ -23,6 +24,10 @@ class App:
     engine: GenerationEngine    # the only thread that touches the policy; hot-swap is a queue message
     scheduler: object | None = None  # chat_app.scheduler.RetrainScheduler, owns the retrain job
     started_at: float = field(default_factory=time.time)
+    metrics: Metrics = field(default_factory=Metrics)   # this app's own Prometheus registry, served at /metrics
+
+    def __post_init__(self):
+        self.metrics.watch(self)   # the engine reports steps and swaps; queue depth and version read at scrape
 
     @property
     def operator_password(self) -> str | None:

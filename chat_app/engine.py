@@ -152,6 +152,10 @@ class GenerationEngine:
         self.batches_run = 0
         """Admissions: groups of waiting requests prefilled into the running batch together."""
         self.requests_served = 0
+        self.waiting: deque = deque()
+        """Requests (and swaps) taken from the inbox but not yet admitted; the engine thread's own."""
+        self.metrics = None
+        """chat_app.metrics.Metrics when an App owns this engine: told of each step, first token and swap."""
         self.threads: int | None = None
         """Torch threads from the next admission on (None: as is); lowered while a training run shares the cores."""
         self.thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
@@ -192,7 +196,7 @@ class GenerationEngine:
         A swap to a copy built off-thread applies at once: rows in flight finish on their version's copy
         (`draining`) while new requests start on the new one, so no one waits for a long answer to end.
         """
-        waiting: deque = deque()
+        waiting = self.waiting                 # an attribute so /metrics can read the queue depth
         while True:
             idle = not self._rows_in_flight() and not waiting
             try:
@@ -249,6 +253,7 @@ class GenerationEngine:
                 request.events.put(("error", f"generation failed: {error}"))
 
     def _step(self, batch: DecodeBatch):
+        started = time.perf_counter()
         try:
             emitted, ended = batch.step()
         except Exception as error:   # fail what is in flight, keep the engine alive
@@ -258,6 +263,9 @@ class GenerationEngine:
             for request in failed.values():
                 request.events.put(("error", f"generation failed: {error}"))
             return
+        if self.metrics is not None:
+            self.metrics.decode_step(rows=len(emitted), tokens=sum(t is not None for _, t in emitted),
+                                     seconds=time.perf_counter() - started)
         for row, token in emitted:
             if token is not None:
                 self._stream(row)
@@ -280,6 +288,8 @@ class GenerationEngine:
         stream["text"] += delta
         if request.state["first_token_at"] is None:
             request.state["first_token_at"] = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.first_token_seconds.observe(request.state["first_token_at"] - request.submitted_at)
         request.events.put(("token", index, delta))
 
     def _finish(self, request: Request):
@@ -309,4 +319,6 @@ class GenerationEngine:
         self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         pause_ms = (time.perf_counter() - started) * 1000
         log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
+        if self.metrics is not None:
+            self.metrics.hot_swap(pause_ms / 1000)
         swap.done.put(pause_ms)

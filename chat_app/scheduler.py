@@ -199,6 +199,7 @@ class RetrainScheduler:
         log_file.close()
         self.app.engine.threads = serving_threads(self.app.config, training=False)
         self.after_run(run_id, code, log_path)
+        self.app.metrics.training_run(self.app.store.run(run_id))   # its final status, crash or not
 
     def after_run(self, run_id: int, exit_code: int, log_path: Path | None = None):
         """Record a crash; hot-swap a candidate that passed the gate."""
