@@ -64,11 +64,12 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
     summaries = []
     for cycle in range(1, cycles + 1):
         picker = None
-        if config.serve.candidates > 2 and store.serving_version():   # a reward model exists: ask where it is unsure
+        # the newest reward model, served or not: it was fitted on every vote so far, whatever the gate said
+        trained = [v for v in store.versions() if v.get("reward_adapter_path")]
+        if config.serve.candidates > 2 and trained:   # a reward model exists: ask where it is unsure
             from trainer.reward_heads import PairPicker
 
-            picker = PairPicker.from_folder(engine.base_model, tokenizer,
-                                            store.serving_version().get("reward_adapter_path"))
+            picker = PairPicker.from_folder(engine.base_model, tokenizer, trained[-1]["reward_adapter_path"])
         print(f"cycle {cycle}/{cycles}: {votes} simulated votes by {oracle} on {engine.version}"
               + (f", the most uncertain pair of {config.serve.candidates} answers" if picker else ""), flush=True)
         t0 = time.perf_counter()
