@@ -6,13 +6,14 @@ TORCH ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: setup run test test-slow bench clean
+.PHONY: setup run test test-slow bench lock clean
 
-$(BIN)/.installed: pyproject.toml
+# requirements.lock pins every package (constraints): today's install is next month's install
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c requirements.lock "$(TORCH)"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
 	touch $@
 
 .cache/models/SmolLM2-135M-Instruct/model.safetensors: $(BIN)/.installed
@@ -31,6 +32,16 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python run.py bench --config $(CONFIG) $(ARGS)
+
+# make lock: resolve pyproject.toml afresh (newest allowed versions) in a scratch venv, pin what got installed;
+# torch loses its local label (+cpu) so the CPU and CUDA builds of the release both satisfy the pin
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --upgrade pip
+	$(VENV)-lock/bin/pip install --quiet "$(TORCH)" && $(VENV)-lock/bin/pip install --quiet -e ".[test]"
+	{ sed -n '1,3p' requirements.lock; $(VENV)-lock/bin/pip freeze --exclude-editable \
+	  | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf $(VENV)-lock
 
 clean:
 	rm -rf $(VENV) .cache adapters runs feedback.db feedback.db-wal feedback.db-shm

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The one entry point: serve (default), retrain, simulate, evaluate, bench, export, prepare."""
+"""The one entry point: serve (default), retrain, simulate, evaluate, bench, export, backup, prepare."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--rm-new-votes", type=positive_int, default=32, help="new votes for the warm start (default 32)")
     p = command("export", "write the votes as JSONL preference pairs (prompt, chosen, rejected)")
     p.add_argument("--out", default="-", help="file, or - for stdout")
+    p = command("backup", "copy the database and the adapter versions it lists into a new folder (safe while serving)")
+    p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder")
     command("prepare", "fetch and cache the model, create the database")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -100,7 +102,7 @@ def main(argv=None):
         config = load_config(args.config, overrides)
     except (ConfigError, OSError) as error:
         sys.exit(f"run.py: config error: {error}")
-    if args.command in ("export", "evaluate") and not os.path.exists(config.serve.db_path):
+    if args.command in ("export", "evaluate", "backup") and not os.path.exists(config.serve.db_path):
         sys.exit(f"run.py: no database at {config.serve.db_path} (give --db PATH)")
 
     if args.command == "serve":
@@ -152,6 +154,13 @@ def main(argv=None):
             sys.exit(f"run.py: --rm-sizes: each size must be at least reward.min_pairs ({config.reward.min_pairs})")
         bench(config, as_json=args.json, ppo_batch=args.ppo_batch, response_length=args.response_length,
               iterations=args.iterations, rm_sizes=args.rm_sizes, rm_new_votes=args.rm_new_votes)
+    elif args.command == "backup":
+        from chat_app.backup import backup
+
+        try:
+            print(json.dumps(backup(config, args.to), indent=2))
+        except FileExistsError as error:
+            sys.exit(f"run.py: backup: {error}")
     elif args.command == "export":
         from chat_app.store import Store
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -13,8 +14,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from chat_app.app import App
 from chat_app.chat import ChatInputError, cast_vote, clean_messages, finish_pair, start_pair, with_system_prompt
+from chat_app.engine import EngineBusy
+from chat_app.limits import RequestLimits, client_of
 from chat_app.metrics import register_metrics
 from chat_app.status import public_status
+
+log = logging.getLogger(__name__)
+MAX_ID = 2**63 - 1   # SQLite's INTEGER: a larger id overflows in the driver
 
 
 class ApiError(Exception):
@@ -23,17 +29,23 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None):
     """An OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 async def read_json(request: Request) -> dict:
+    """The body as a JSON object; ApiError (400) for bad JSON, bad UTF-8, deep nesting or lone surrogates."""
     try:
         body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}")
+        # a "\ud800" escape parses to a string SQLite and the tokenizer cannot encode: refuse it here, once
+        json.dumps(body, ensure_ascii=False).encode()
+    except RecursionError:   # json recurses per nesting level: [[[[...]]]] deep enough overflows the stack
+        raise ApiError(400, "the request body is nested too deeply")
+    except ValueError as error:   # JSONDecodeError, UnicodeDecodeError/EncodeError, an integer of > 4300 digits
+        raise ApiError(400, f"the request body is not valid JSON in UTF-8: {str(error)[:200]}")
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -50,11 +62,20 @@ def _number(body: dict, key: str, default, low: float, high: float, kind=float):
     return kind(value)
 
 
+# OpenAI fields this server does not implement: ignoring one that is set would answer another question than asked
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "stop", "logprobs",
+               "top_logprobs", "logit_bias", "audio", "modalities", "prediction")
+UNSET = (None, False, [], {}, "none", "auto", {"type": "text"})   # what clients send to mean "not used"
+
+
 def parse_completion_request(body: dict, app: App) -> dict:
     """Validated chat-completion arguments; ApiError (400) names what is wrong."""
     serve = app.config.serve
+    for key in UNSUPPORTED:
+        if body.get(key) not in UNSET:
+            raise ApiError(400, f"{key} is not supported here: this server answers plain chat", key)
     try:
-        messages = with_system_prompt(clean_messages(body.get("messages")), serve.system_prompt)
+        messages = with_system_prompt(clean_messages(body.get("messages"), app.config.limits), serve.system_prompt)
     except ChatInputError as error:
         raise ApiError(400, str(error), "messages")
     n = body.get("n", 1)
@@ -78,13 +99,14 @@ def comparison_id_from(value) -> int:
     """Accept 17, "17" or "chatcmpl-17" (the completion id of an n=2 answer)."""
     if isinstance(value, bool):
         raise ApiError(400, "comparison_id must be an integer or a chatcmpl-N id", "comparison_id")
-    if isinstance(value, int):
-        return value
     if isinstance(value, str):
         text = value.removeprefix("chatcmpl-")
-        if text.isdigit():
-            return int(text)
-    raise ApiError(400, f"comparison_id must be an integer or a chatcmpl-N id, got {value!r}", "comparison_id")
+        if text.isascii() and text.isdigit() and len(text) <= 19:   # isdigit alone takes "²" and "١٧"
+            value = int(text)
+    if isinstance(value, int) and 0 <= value <= MAX_ID:
+        return value
+    raise ApiError(400, f"comparison_id must be an integer from 0 to 2^63-1 or a chatcmpl-N id, "
+                        f"got {value!r}"[:300], "comparison_id")
 
 
 def _usage(result) -> dict:
@@ -103,6 +125,18 @@ def register_api(api: FastAPI, app: App) -> None:
     @api.exception_handler(ApiError)
     async def _api_error(_request, error: ApiError):
         return error_response(error.status, error.message, error.param, error.kind)
+
+    @api.exception_handler(EngineBusy)
+    async def _engine_busy(request: Request, error: EngineBusy):
+        log.warning("refused %s %s %s: max_queued_requests (503)", client_of(request.scope), request.method,
+                    request.url.path)   # the same line as chat_app.limits' refusals
+        return error_response(503, str(error), kind="server_error", headers={"Retry-After": str(error.retry_after_s)})
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        """Still our error shape; the traceback goes to the log. A bug: tests/test_fuzz.py looks for these."""
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(error).__name__})", kind="server_error")
 
     @api.get("/v1/models")
     async def models():
@@ -194,8 +228,8 @@ def register_api(api: FastAPI, app: App) -> None:
             raise ApiError(400, "comparison_id is required", "comparison_id")
         comparison_id = comparison_id_from(body["comparison_id"])
         voter = body.get("voter")
-        if voter is not None and not isinstance(voter, str):
-            raise ApiError(400, "voter must be a string", "voter")
+        if voter is not None and (not isinstance(voter, str) or len(voter) > 200):
+            raise ApiError(400, "voter must be a string of at most 200 characters", "voter")
         status, message = cast_vote(app.store, comparison_id, body.get("choice"), voter=voter or "api")
         code = {"ok": 200, "invalid": 400, "unknown": 404, "duplicate": 409, "incomplete": 409}[status]
         if code != 200:
@@ -210,6 +244,8 @@ def register_api(api: FastAPI, app: App) -> None:
     async def healthz():
         return "ok"
 
+    # body size on every route, per-client limits on /v1 and /api; added first so the metrics count its refusals
+    api.add_middleware(RequestLimits, limits=app.config.limits, refuse=error_response)
     register_metrics(api, app.metrics)   # GET /metrics, and the middleware that counts requests by route
     register_operator_api(api, app)
 

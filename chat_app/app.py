@@ -78,7 +78,8 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
     engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
                               max_batch_requests=config.serve.max_batch_requests,
                               weights=engine_weights(config),
-                              merge_adapters=engine_merges(config)).start()
+                              merge_adapters=engine_merges(config),
+                              max_queued_requests=config.limits.max_queued_requests).start()
     serving = store.serving_version()
     if serving is not None:
         try:

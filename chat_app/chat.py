@@ -14,20 +14,46 @@ class ChatInputError(ValueError):
 
 
 def flatten_content(content) -> str:
-    """Text of a message's content: a string, or Gradio 6 / OpenAI parts [{"type": "text", "text": ...}]."""
-    if content is None:
+    """Text of a message's content: a string, or OpenAI / Gradio 6 parts [{"type": "text", "text": ...}]."""
+    if content is None:   # OpenAI allows a null content (an assistant turn that only called tools)
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, (list, tuple)):
-        return "".join(flatten_content(part) for part in content)
-    return str(content)
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "".join(part["text"] for part in content)
+    # anything else (a number, an image part, nested lists) was once stringified into the prompt: say so instead
+    raise ChatInputError('content must be a string or a list of {"type": "text", "text": "..."} parts')
 
 
-def clean_messages(messages) -> list[dict]:
-    """Validated [{"role", "content"}] with plain-text content; ChatInputError says what is wrong."""
+def check_limits(messages: list[dict], limits) -> None:
+    """ChatInputError if a conversation breaks `limits` (a LimitsConfig; 0 turns a bound off).
+
+    The HTTP API (through clean_messages) and the chat page share it, so both refuse the same conversations."""
+    if limits.max_turns and len(messages) > limits.max_turns:
+        raise ChatInputError(f"a conversation may have at most {limits.max_turns} messages, this one has "
+                             f"{len(messages)}: start a new one")
+    for i, message in enumerate(messages):
+        if limits.max_message_chars and len(message["content"]) > limits.max_message_chars:
+            raise ChatInputError(f"messages[{i}] has {len(message['content']):,} characters; the most is "
+                                 f"{limits.max_message_chars:,}")
+
+
+def turn_refusal(history: list[dict], text: str, limits) -> str | None:
+    """Why the chat page will not send `text` after `history` (check_limits, worded for a person), or None."""
+    if limits.max_message_chars and len(text) > limits.max_message_chars:
+        return f"Your message has {len(text):,} characters; the most is {limits.max_message_chars:,}. Shorten it."
+    if limits.max_turns and len(history) + 1 > limits.max_turns:
+        return f"This conversation has reached {limits.max_turns} messages, the most: press New chat to go on."
+    return None
+
+
+def clean_messages(messages, limits=None) -> list[dict]:
+    """Validated [{"role", "content"}] with plain-text content; ChatInputError says what is wrong.
+
+    Args:
+        limits: a LimitsConfig whose `max_turns` and `max_message_chars` apply (None: no bound).
+    """
     if not isinstance(messages, list) or not messages:
         raise ChatInputError("messages must be a non-empty list of {role, content} objects")
     cleaned = []
@@ -35,9 +61,15 @@ def clean_messages(messages) -> list[dict]:
         if not isinstance(message, dict):
             raise ChatInputError(f"messages[{i}] must be an object with role and content")
         role = message.get("role")
-        if role not in ROLES:
-            raise ChatInputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        cleaned.append({"role": role, "content": flatten_content(message.get("content"))})
+        if not isinstance(role, str) or role not in ROLES:
+            raise ChatInputError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}"[:300])
+        try:
+            content = flatten_content(message.get("content"))
+        except ChatInputError as error:
+            raise ChatInputError(f"messages[{i}].{error}") from None
+        cleaned.append({"role": role, "content": content})
+    if limits:   # after flattening, so text parts count by their joined length; the body cap bounds the loop
+        check_limits(cleaned, limits)
     if cleaned[-1]["role"] != "user":
         raise ChatInputError("the last message must have role 'user'")
     if not cleaned[-1]["content"].strip():   # a pair for nothing would be voted on and trained on
@@ -104,8 +136,12 @@ def start_pair(store: Store, engine, messages: list[dict], *, source: str, max_n
     comparison_id = store.create_comparison(
         prompt_messages=messages, sampling=sampling_settings(max_new_tokens, temperature, top_p),
         source=source, conversation_id=conversation_id, seeds=seeds)
-    request = engine.submit(messages, n=len(seeds), max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seeds=seeds)
+    try:
+        request = engine.submit(messages, n=len(seeds), max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seeds=seeds)
+    except Exception:   # a full queue (engine.EngineBusy): no answers will come, so keep no half comparison
+        store.delete_comparison(comparison_id)
+        raise
     return comparison_id, request
 
 

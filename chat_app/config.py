@@ -215,6 +215,29 @@ class ScheduleConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What one client may ask of a public demo; each refusal is a JSON error and one log line (chat_app/limits.py).
+    A client is its API key (`Authorization: Bearer ...` on /v1, hashed) when it sends one, else its address.
+    0 turns a limit off."""
+    max_body_bytes: int = 4_194_304
+    """Largest request body on any route (413), 4 MiB: 50 turns of 12,000 characters fit, 3.6 MB even with every
+    character a 6-byte JSON \\uXXXX escape; a 10 MB message does not."""
+    max_message_chars: int = 12_000
+    """Longest message content (400); FastChat's Chatbot Arena caps input at 12,000 characters."""
+    max_turns: int = 50
+    """Most messages in one conversation (400); FastChat's cap too. The context window keeps only the newest anyway."""
+    requests_per_minute: int = 60
+    """Requests to /v1 and /api per client in any 60 s (429 with Retry-After): one a second, far above a person."""
+    requests_in_flight: int = 4
+    """Requests of one client being answered at once (429): a client may not take the engine's whole batch."""
+    votes_per_minute: int = 20
+    """Votes per client in any 60 s (429): reading two answers takes longer than 3 s; a faster voter is a script."""
+    max_queued_requests: int = 32
+    """Requests waiting for the engine beyond those it decodes (503 with Retry-After); 0: no bound. Four batches
+    of 8 at SmolLM2's CPU speed is minutes of wait already: past that, saying "busy" beats an endless spinner."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -224,6 +247,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = ""
     """The YAML file this was loaded from (passed to the trainer subprocess)."""
 
@@ -292,6 +316,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(raw)
         _apply(config, tree)
+    for name, value in dataclasses.asdict(config.limits).items():
+        if value < 0:
+            raise ConfigError(f"limits.{name}: expected 0 (no limit) or more; got {value}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

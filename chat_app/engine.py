@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 
 
 # -- requests, events and the engine thread ----------------------------------------------------
+class EngineBusy(RuntimeError):
+    """The engine's queue is full: try again in `retry_after_s` seconds (the API answers 503, the chat page says so)."""
+
+    def __init__(self, waiting: int, retry_after_s: int = 10):
+        super().__init__(f"the server is busy: {waiting} requests are waiting for the model; "
+                         f"try again in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class Result:
     texts: list[str]
@@ -134,7 +143,8 @@ class GenerationEngine:
     """The only thread that touches the policy model. Submit requests; swaps apply between batches."""
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int, max_batch_requests: int = 8,
-                 version: str = "base", weights: str = "model", merge_adapters: bool = True):
+                 version: str = "base", weights: str = "model", merge_adapters: bool = True,
+                 max_queued_requests: int = 0):
         self.weights = resolve_weights(weights, model)
         self.merge_adapters = merge_adapters or self.weights != "model"
         """Serve each version as a merged copy of the base; else as a copy with the LoRA adapter unmerged."""
@@ -145,6 +155,9 @@ class GenerationEngine:
         self.max_context_tokens = max_context_tokens
         self.max_batch_requests = max_batch_requests
         self.version = version
+        self.max_queued_requests = max_queued_requests
+        """Submit raises EngineBusy while this many requests wait to be admitted; 0: no bound."""
+        self._submit_lock = threading.Lock()   # check-then-put: two callers must not both take the last place
         self.inbox: queue.Queue = queue.Queue()
         self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
         self.draining: list[DecodeBatch] = []
@@ -176,8 +189,16 @@ class GenerationEngine:
         request = Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)],
                           ignore_eos=ignore_eos)
-        self.inbox.put(request)
+        with self._submit_lock:
+            waiting = self.queue_depth()
+            if self.max_queued_requests and waiting >= self.max_queued_requests:
+                raise EngineBusy(waiting)
+            self.inbox.put(request)
         return request
+
+    def queue_depth(self) -> int:
+        """Requests (and swaps) submitted but not yet admitted into a batch."""
+        return len(self.waiting) + self.inbox.qsize()
 
     def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""

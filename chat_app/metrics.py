@@ -85,7 +85,7 @@ class AppCollector:
     def collect(self):
         engine = self.app.engine
         yield GaugeMetricFamily("rlhf_engine_queue_depth", "Requests waiting for the engine to admit them",
-                                value=len(engine.waiting) + engine.inbox.qsize())
+                                value=engine.queue_depth())
         yield GaugeMetricFamily("rlhf_engine_rows_in_flight", "Answers being decoded now (all versions)",
                                 value=engine._rows_in_flight())
         yield InfoMetricFamily("rlhf_serving", "The version the engine serves", value={"version": engine.version})

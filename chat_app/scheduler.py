@@ -110,8 +110,11 @@ class RetrainScheduler:
                 raise OperatorError(f"unknown schedule setting {key!r}; use {', '.join(allowed)}")
             if isinstance(value, bool) != (allowed[key] is bool) or not isinstance(value, allowed[key]):
                 raise OperatorError(f"{key} has the wrong type: {value!r}")
-        if changes.get("retrain_every_minutes", 1) <= 0 or changes.get("min_new_votes", 0) < 0:
-            raise OperatorError("retrain_every_minutes must be > 0 and min_new_votes >= 0")
+        # `not 0 < x <= ...` also refuses NaN; an infinite or huge interval would overflow APScheduler's timedelta
+        minutes, votes = changes.get("retrain_every_minutes", 1), changes.get("min_new_votes", 0)
+        if not 0 < minutes <= 7 * 24 * 60 or not 0 <= votes <= 10**9:
+            raise OperatorError("retrain_every_minutes must be > 0 and at most a week (10080); "
+                                "min_new_votes from 0 to 10^9")
         self.settings.update(changes)
         self.app.store.set_setting(self.SETTINGS_KEY, self.settings)
         if self.scheduler.running:

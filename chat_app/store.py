@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -335,3 +336,33 @@ def _decode_run(row: dict) -> dict:
     row["progress"] = json.loads(row.pop("progress_json"))
     row["metrics"] = json.loads(row.pop("metrics_json"))
     return row
+
+
+def backup_database(source: str | Path, target: str | Path) -> dict:
+    """Copy the SQLite file `source` to `target` as one consistent snapshot while writers go on; returns what the copy
+    holds: its integrity check, row counts per table, votes, and the policy versions it lists."""
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"no database at {source}")
+    partial = Path(f"{target}.partial")   # renamed once whole and checked: a crash never leaves a half backup
+    partial.unlink(missing_ok=True)
+    src = sqlite3.connect(source, timeout=30)   # its own connection, reading only: WAL writers never wait for it
+    src.execute("PRAGMA query_only=ON")
+    dst = sqlite3.connect(partial)
+    try:
+        # SQLite's online backup in one step (pages=-1) reads every page inside one read transaction, so the copy
+        # is the database as of one commit; a stepwise copy would restart whenever a vote lands between steps
+        src.backup(dst, pages=-1)
+        dst.execute("PRAGMA journal_mode=DELETE")   # a single self-contained file, no -wal beside it
+        integrity = dst.execute("PRAGMA integrity_check").fetchone()[0]
+        if integrity != "ok":
+            raise RuntimeError(f"the copy of {source} fails PRAGMA integrity_check: {integrity}")
+        tables = ("conversations", "messages", "comparisons", "demonstrations", "policy_versions", "training_runs")
+        rows = {t: dst.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+        votes = dst.execute("SELECT COUNT(*) FROM comparisons WHERE choice IS NOT NULL").fetchone()[0]
+        versions = [{"id": v, "adapter_path": p, "status": s} for v, p, s in dst.execute(
+            "SELECT id, adapter_path, status FROM policy_versions ORDER BY created_at")]
+    finally:
+        dst.close()
+        src.close()
+    os.replace(partial, target)
+    return {"integrity_check": integrity, "rows": rows, "votes": votes, "versions": versions}

@@ -19,7 +19,7 @@ import pandas as pd
 
 from chat_app import plots
 from chat_app.chat import (VOTE_LABELS, cast_vote, chosen_answer, finish_pair, start_pair, truncation_notice,
-                           with_system_prompt)
+                           turn_refusal, with_system_prompt)
 from chat_app.scheduler import OperatorError, serve_version
 from chat_app.status import serving_line
 from chat_app.store import CHOICES
@@ -50,9 +50,11 @@ def new_turn(prompt: list[dict]) -> dict:
     return {"prompt": prompt, "stage": "queued", "comparison_id": None, "answers": ["", ""]}
 
 
-def shown(answer: str) -> str:
-    """Panel text for an answer (Markdown, HTML sanitised by Gradio)."""
-    return answer if answer.strip() else "*(empty answer)*"
+def shown(answer: str, ended_with_eos: bool = True, tokens: int = 0) -> str:
+    """Panel text for an answer (Markdown, HTML sanitised by Gradio). One cut off at the token limit says so, as the
+    voter may judge an unfinished answer differently; the stored answer stays the model's raw text."""
+    text = answer if answer.strip() else "*(empty answer)*"
+    return text if ended_with_eos else f"{text}\n\n*(cut at {tokens} tokens)*"
 
 
 def build_chat_tab(app) -> gr.Blocks:
@@ -112,6 +114,9 @@ def build_chat_tab(app) -> gr.Blocks:
                 return {notice: "⚠️ Wait until both answers are complete."}
             if stage == "done":
                 return {notice: "⚠️ Pick the better answer (or write your own) before sending the next message."}
+            refusal = turn_refusal(state["history"], text, app.config.limits)   # the API's limits (config `limits`)
+            if refusal:
+                return {notice: f"⚠️ {refusal}"}
             if state["conversation_id"] is None:  # created lazily: an idle visitor leaves no row
                 state["conversation_id"] = app.store.create_conversation(source="ui", session=request.session_hash)
             state["history"].append({"role": "user", "content": text})
@@ -163,7 +168,8 @@ def build_chat_tab(app) -> gr.Blocks:
                 yield {answer_a: WAITING, answer_b: WAITING,
                        notice: f"⚠️ The model could not answer ({error}). Press Regenerate to try again."}
                 return
-            yield {answer_a: shown(result.texts[0]), answer_b: shown(result.texts[1]), **voting(True),
+            a, b = (shown(*answer) for answer in zip(result.texts, result.ended_with_eos, result.completion_tokens))
+            yield {answer_a: a, answer_b: b, **voting(True),
                    notice: "Which answer is better?", truncated: truncation_notice(result.turns_dropped)}
 
         def vote_handler(choice: str):

@@ -76,3 +76,17 @@ def stop_server(process):
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def in_process_app(tmp_path: Path, overrides: list[str] = ()):
+    """The tiny app with the API only, in this process (no server start-up: seconds): returns (app, TestClient)."""
+    from starlette.testclient import TestClient
+
+    from chat_app.app import build_app
+    from chat_app.config import load_config
+    from chat_app.server import create_web_app
+
+    config = load_config(TINY, [f"serve.db_path={tmp_path / 'feedback.db'}",
+                                f"serve.adapters_dir={tmp_path / 'adapters'}", *overrides])
+    app = build_app(config, with_scheduler=False)
+    return app, TestClient(create_web_app(app, with_ui=False))

@@ -66,14 +66,23 @@ def test_single_answer_and_models(server, client):
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 3}', 400, "n must be 1 or 2"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature must be"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens must be between"),
+    (b'{"messages": [{"role": "user", "content": 5}]}', 400, "content must be a string"),
+    (b'{"messages": [{"role": "user", "content": "' + b"x" * 10_000_000 + b'"}]}', 413, "larger than"),
 ])
 def test_bad_completion_requests_get_a_clear_4xx(server, body, status, words):
     reply = httpx.post(server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert reply.status_code == status and words in reply.json()["error"]["message"]
 
 
+def test_a_chunked_body_over_the_cap_is_413_under_uvicorn(server):
+    chunks = (b"x" * 65536 for _ in range(80))   # 5.2 MB with no Content-Length: counted as it arrives
+    reply = httpx.post(server + "/v1/feedback", content=chunks)
+    assert reply.status_code == 413 and "larger than" in reply.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"comparison_id": 999999, "choice": "a"}, 404, "No comparison"),
+    ({"comparison_id": 2**64, "choice": "a"}, 400, "comparison_id must be"),
     ({"comparison_id": 1, "choice": "maybe"}, 400, "choice must be one of"),
     ({"choice": "a"}, 400, "comparison_id is required"),
     ({"comparison_id": "abc", "choice": "a"}, 400, "comparison_id must be"),

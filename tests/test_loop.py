@@ -126,3 +126,11 @@ def test_the_progress_line_says_what_is_happening_in_words_and_for_how_long():
     assert "12 min ago" in text                              # elapsed time: a long stage is not a hung one
     assert "PPO loss 0.25" in text and "reward model held-out accuracy 0.75" in text
     assert "updated_at" not in text
+
+
+def test_an_answer_cut_at_the_token_limit_is_marked_as_cut():
+    from chat_app.ui import shown
+
+    assert shown("Paris is the capital.", ended_with_eos=True, tokens=6) == "Paris is the capital."
+    assert shown("Paris is the", ended_with_eos=False, tokens=3) == "Paris is the\n\n*(cut at 3 tokens)*"
+    assert shown("  ", ended_with_eos=False, tokens=16).startswith("*(empty answer)*")

@@ -53,6 +53,8 @@ def test_the_app_serves_a_4bit_base_and_swaps_an_adapter_in(q4_config, tokenizer
                              LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     trained.save_pretrained(tmp_path / "v1")
     expected = next_token_logprobs(trained, tokenizer, "which version?")
+    with trained.disable_adapter():
+        base = next_token_logprobs(trained, tokenizer, "which version?")
 
     app = build_app(q4_config, with_scheduler=False)
     try:
@@ -63,7 +65,13 @@ def test_the_app_serves_a_4bit_base_and_swaps_an_adapter_in(q4_config, tokenizer
         engine.swap(str(tmp_path / "v1"), "v1")
         assert engine.submit(ask("hello"), n=2, max_new_tokens=6).result().version == "v1"
         served = next_token_logprobs(engine.model, tokenizer, "which version?")
-        assert torch.allclose(served, expected, atol=1e-4)     # the adapter serves as it was trained
+        # Equal here (gap 0.0 on this AVX2 machine), but the 4-bit CPU path promises no bit-exactness: bitsandbytes
+        # and torch pick kernels by what the CPU offers (with AVX512-BF16 a fused NF4 kernel on bf16 activations,
+        # ~4e-3 relative rounding per product), and the trained copy and the served one may take different ones;
+        # another AVX2 machine saw 3-6e-3. So 2e-2 (bf16 rounding, with headroom), plus the check that catches a
+        # wrong or missing adapter: it moves logprobs by ~0.7 here, so served must sit far closer to it than to base.
+        to_adapter, to_base = float((served - expected).abs().max()), float((served - base).abs().max())
+        assert to_adapter < 2e-2 and to_adapter < 0.2 * to_base, (to_adapter, to_base)   # served as it was trained
         engine.swap(None, "base")                              # and rolls back
         assert engine.submit(ask("hello"), n=2, max_new_tokens=6).result().version == "base"
     finally:

@@ -104,12 +104,16 @@ def test_chat_streams_two_answers_and_records_the_vote(server, page):
         expect(button).to_be_disabled()
 
     with sqlite3.connect(app.config.serve.db_path) as db:  # the vote is in the file, readable by any SQLite tool
-        rows = db.execute("SELECT id, answer_a, voter, source FROM comparisons WHERE choice = 'a'").fetchall()
+        rows = db.execute("SELECT id, answer_a, voter, source, ended_with_eos_a FROM comparisons "
+                          "WHERE choice = 'a'").fetchall()
         assert len(rows) == 1 and rows[0][2] and rows[0][3] == "ui"
         messages = db.execute("SELECT role, content, comparison_id FROM messages ORDER BY id").fetchall()
     assert [m[0] for m in messages] == ["user", "assistant"]
     assert messages[1][1] == rows[0][1] and messages[1][2] == rows[0][0]  # A joined the conversation
 
+    cut = f"(cut at {app.config.serve.max_new_tokens} tokens)"   # the random tiny model rarely says EOS in 16
+    assert shown_a.endswith(cut) != bool(rows[0][4]) and cut not in rows[0][1]   # marked on the page, not stored
+    shown_a = shown_a.removesuffix(cut).strip()
     bubbles = page.locator("#conversation .message-row")
     expect(bubbles).to_have_count(2)
     assert "Hello there" in bubbles.nth(0).inner_text()

@@ -100,17 +100,25 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
     client = httpx.Client(base_url=server.rstrip("/"), timeout=600)
     rng = random.Random(0)
 
-    def one_vote(_):
+    def post(path: str, body: dict, user: int):
+        """Each simulated user is a client of its own to the server's limits (config `limits`): its own API key.
+        A 429 or 503 (busy) is retried after the Retry-After the server sends, as a polite client would."""
+        for attempt in range(3):
+            reply = client.post(path, json=body, headers={"Authorization": f"Bearer sim-user-{user}"})
+            if reply.status_code not in (429, 503) or attempt == 2:
+                break
+            time.sleep(float(reply.headers.get("Retry-After", 5)))
+        reply.raise_for_status()
+        return reply
+
+    def one_vote(i):
         prompt = rng.choice(prompts)
         started = time.perf_counter()
-        reply = client.post("/v1/chat/completions", json={"messages": as_messages(prompt), "n": 2})
-        reply.raise_for_status()
-        body = reply.json()
+        body = post("/v1/chat/completions", {"messages": as_messages(prompt), "n": 2}, user=i % concurrency).json()
         answers = [c["message"]["content"] for c in body["choices"]]
         choice = judge(prompt, answers[0], answers[1])
-        vote = client.post("/v1/feedback", json={"comparison_id": body["id"], "choice": choice,
-                                                 "voter": f"oracle:{oracle}"})
-        vote.raise_for_status()
+        post("/v1/feedback", {"comparison_id": body["id"], "choice": choice, "voter": f"oracle:{oracle}"},
+             user=i % concurrency)
         return body["model"], choice, (time.perf_counter() - started) * 1000
 
     failures: list[str] = []
@@ -146,7 +154,7 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
             last, previous = status.get("last_run"), before.get("last_run")
             if last and (not previous or last["id"] > previous["id"]) and status["training"] is None:
                 break
-            reply = safe_vote(0)
+            reply = safe_vote(len(during))   # users take turns: no one user's minute fills up
             if reply:
                 during.append(reply)
             training = status["training"] or {}
