@@ -156,7 +156,8 @@ def register_api(api: FastAPI, app: App) -> None:
         if args["n"] == 2:
             comparison_id, job = start_pair(app.store, app.engine, args["messages"], source="api",
                                             max_new_tokens=args["max_new_tokens"], temperature=args["temperature"],
-                                            top_p=args["top_p"])
+                                            top_p=args["top_p"],
+                                            versions=app.canary.versions_for_new_pair() if app.canary else None)
             completion_id = f"chatcmpl-{comparison_id}"
         else:
             job = app.engine.submit(args["messages"], n=1, max_new_tokens=args["max_new_tokens"],
@@ -328,6 +329,45 @@ def register_operator_api(api: FastAPI, app: App) -> None:
         check_operator(app, request)
         return {"serving_version": app.serving_version(), "versions": app.store.versions(),
                 "events": app.store.serving_events()}
+
+    @api.get("/api/operator/canary")
+    async def get_canary(request: Request):
+        check_operator(app, request)
+        return {**app.canary.status(), "leaderboard": await asyncio.to_thread(app.canary.leaderboard)}
+
+    @api.post("/api/operator/canary")
+    async def canary_action(request: Request):
+        """{"action": "start", "version": "v3"} puts a kept version in a trial; promote / retire (a canary) and
+        rollback / confirm (a promoted version under watch) decide by hand, with the votes' figures recorded."""
+        actor = check_operator(app, request)
+        body = await read_json(request)
+        action = body.get("action")
+        actions = ("start", "promote", "retire", "rollback", "confirm")
+        if action not in actions:
+            raise ApiError(400, f"action must be one of {', '.join(actions)}", "action")
+        try:
+            if action == "start":
+                return await asyncio.to_thread(app.canary.begin_by_operator, body.get("version"), actor)
+            verdict = await asyncio.to_thread(app.canary.act, action, actor)
+        except OperatorError as error:
+            raise ApiError(error.status, str(error), "version" if action == "start" else "action")
+        return {"action": verdict.action, "reason": verdict.reason, "serving_version": app.serving_version(),
+                **app.canary.status()}
+
+    @api.put("/api/operator/canary")
+    async def put_canary(request: Request):
+        """{"auto": false} lets the operator decide (the votes only advise); {"share": 0.5} changes the trial share."""
+        actor = check_operator(app, request)
+        body = await read_json(request)
+        unknown = set(body) - {"auto", "share"}
+        if unknown:
+            raise ApiError(400, f"unknown canary setting {sorted(unknown)[0]!r}; use auto, share")
+        auto, share = body.get("auto"), body.get("share")
+        if auto is not None and not isinstance(auto, bool):
+            raise ApiError(400, "auto must be true or false", "auto")
+        if share is not None:
+            share = _number(body, "share", None, 0.0, 1.0)
+        return app.canary.set_mode(auto=auto, share=share, actor=actor)
 
     @api.get("/api/operator/export")
     async def export(request: Request):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chat_app.canary import Canary
 from chat_app.config import Config
 from chat_app.engine import GenerationEngine
 from chat_app.metrics import Metrics
@@ -23,6 +24,7 @@ class App:
     store: Store
     engine: GenerationEngine    # the only thread that touches the policy; hot-swap is a queue message
     scheduler: object | None = None  # chat_app.scheduler.RetrainScheduler, owns the retrain job
+    canary: object | None = None     # chat_app.canary.Canary: the live A/B of a new version and its decisions
     started_at: float = field(default_factory=time.time)
     metrics: Metrics = field(default_factory=Metrics)   # this app's own Prometheus registry, served at /metrics
 
@@ -37,6 +39,8 @@ class App:
         return self.engine.version
 
     def close(self):
+        if self.canary is not None:
+            self.canary.stop()
         if self.scheduler is not None:
             self.scheduler.shutdown()
         self.engine.stop()
@@ -88,6 +92,7 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
             log.error("could not restore %s (%s); serving base", serving["id"], error)
             store.mark_serving("base", actor="startup", action="restore-failed")
     app = App(config=config, store=store, engine=engine)
+    app.canary = Canary(app).start()   # restores a trial in progress: its other version loads beside the served one
     if with_scheduler:
         from chat_app.scheduler import RetrainScheduler
 

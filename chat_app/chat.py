@@ -130,15 +130,18 @@ def sampling_settings(max_new_tokens: int, temperature: float, top_p: float) -> 
 
 
 def start_pair(store: Store, engine, messages: list[dict], *, source: str, max_new_tokens: int,
-               temperature: float, top_p: float, conversation_id: str | None = None, candidates: int = 2):
-    """Reserve a comparison and queue `candidates` answers (two are shown); returns (comparison_id, engine request)."""
-    seeds = [random.randrange(2**31) for _ in range(max(2, candidates))]
+               temperature: float, top_p: float, conversation_id: str | None = None, candidates: int = 2,
+               versions: list[str] | None = None):
+    """Reserve a comparison and queue `candidates` answers (two are shown); returns (comparison_id, engine request).
+
+    `versions`: the two versions to answer (a canary comparison, chat_app.canary): then exactly two answers."""
+    seeds = [random.randrange(2**31) for _ in range(2 if versions else max(2, candidates))]
     comparison_id = store.create_comparison(
         prompt_messages=messages, sampling=sampling_settings(max_new_tokens, temperature, top_p),
         source=source, conversation_id=conversation_id, seeds=seeds)
     try:
         request = engine.submit(messages, n=len(seeds), max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_p=top_p, seeds=seeds)
+                                top_p=top_p, seeds=seeds, versions=versions)
     except Exception:   # a full queue (engine.EngineBusy): no answers will come, so keep no half comparison
         store.delete_comparison(comparison_id)
         raise
@@ -146,7 +149,7 @@ def start_pair(store: Store, engine, messages: list[dict], *, source: str, max_n
 
 
 def finish_pair(store: Store, comparison_id: int, result, picker=None) -> tuple[int, int]:
-    """Store the two answers shown with the version that produced them; returns their indices in `result`.
+    """Store the two answers shown with the versions that produced them; returns their indices in `result`.
 
     With more than two candidates and a `picker` (trainer.reward_heads.PairPicker), the two shown are the pair
     whose order the reward model is least sure of; without one, the first two."""
@@ -158,7 +161,9 @@ def finish_pair(store: Store, comparison_id: int, result, picker=None) -> tuple[
                               policy_version=result.version, latency_ms=result.latency_ms,
                               ended_with_eos=(result.ended_with_eos[i], result.ended_with_eos[j]),
                               turns_dropped=result.turns_dropped, seeds=(result.seeds[i], result.seeds[j]),
-                              sampling_extra=extra)
+                              sampling_extra=extra,
+                              versions=(result.versions[i], result.versions[j]) if result.versions else None,
+                              tokens=(result.completion_tokens[i], result.completion_tokens[j]))
     return i, j
 
 

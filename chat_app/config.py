@@ -238,6 +238,21 @@ class LimitsConfig:
 
 
 @dataclass
+class CanaryConfig:
+    """Live A/B of a candidate that passed the gate against the serving version (chat_app/canary.py)."""
+    share: float = 0.25
+    """Share of new comparisons that pit the canary against the serving version (sides at random, versions hidden
+    from the voter); 0: no trials, a candidate that passes the gate is served at once."""
+    min_votes: int = 30
+    """Votes on trial comparisons before any decision: an interval from fewer is too ready to mislead."""
+    max_votes: int = 200
+    """The cap: a canary still undecided after this many votes is retired (not shown better); a promoted version's
+    watch against its parent ends."""
+    auto: bool = True
+    """Decide by the votes without an operator; off, the page shows what the votes say and the operator decides."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -248,6 +263,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     source: str = ""
     """The YAML file this was loaded from (passed to the trainer subprocess)."""
 
@@ -319,6 +335,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for name, value in dataclasses.asdict(config.limits).items():
         if value < 0:
             raise ConfigError(f"limits.{name}: expected 0 (no limit) or more; got {value}")
+    canary = config.canary
+    if not 0 <= canary.share <= 1 or not 1 <= canary.min_votes <= canary.max_votes:
+        raise ConfigError(f"canary: share must be in [0, 1] and 1 <= min_votes <= max_votes; got share "
+                          f"{canary.share}, min_votes {canary.min_votes}, max_votes {canary.max_votes}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -42,6 +42,8 @@ class Result:
     completion_tokens: list[int]
     latency_ms: float
     first_token_ms: float | None
+    versions: list[str] = field(default_factory=list)
+    """The version that wrote each answer: the served one, or the second one for rows that asked for it."""
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Request:
     top_p: float = 0.9
     seeds: list[int] | None = None
     ignore_eos: bool = False
+    versions: list[str | None] | None = None
+    """Per answer, the version to write it (a canary trial's rows); None or an unknown name: the served version."""
     events: queue.Queue = field(default_factory=queue.Queue)
     """("token", index, text) ... then ("done", Result) or ("error", message)."""
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -83,6 +87,8 @@ class Swap:
     """The version's whole serving model, built outside the engine thread; swapping it in is one assignment."""
     done: queue.Queue = field(default_factory=queue.Queue)
     """Receives how long serving paused, in ms."""
+    second: bool = False
+    """Install as the second version (served beside the first to rows that name it) instead of swapping."""
 
 
 def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype | None = torch.bfloat16):
@@ -160,6 +166,10 @@ class GenerationEngine:
         self._submit_lock = threading.Lock()   # check-then-put: two callers must not both take the last place
         self.inbox: queue.Queue = queue.Queue()
         self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.second_version: str | None = None
+        """A version served beside `version` to rows that name it (a canary trial), with its own model and batch:
+        each decode step runs one batch per version (rows grouped by version over merged copies)."""
+        self.second_batch: DecodeBatch | None = None
         self.draining: list[DecodeBatch] = []
         """Batches of the previous versions, finishing their rows beside the new version's batch."""
         self.batches_run = 0
@@ -185,10 +195,14 @@ class GenerationEngine:
         self.thread.join(timeout=30)
 
     def submit(self, messages: list[dict], n: int = 2, max_new_tokens: int = 128, temperature: float = 0.7,
-               top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False) -> Request:
+               top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False,
+               versions: list[str | None] | None = None) -> Request:
+        """Queue a request for `n` answers; `versions` names the version of each (see Request.versions)."""
+        if versions is not None and len(versions) != n:
+            raise ValueError(f"versions names {len(versions)} answers, n is {n}")
         request = Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)],
-                          ignore_eos=ignore_eos)
+                          ignore_eos=ignore_eos, versions=versions)
         with self._submit_lock:
             waiting = self.queue_depth()
             if self.max_queued_requests and waiting >= self.max_queued_requests:
@@ -209,6 +223,19 @@ class GenerationEngine:
         swap = Swap(version, prepared)
         self.inbox.put(swap)
         return swap.done.get(timeout=timeout)
+
+    def set_second(self, adapter_path: str | None, version: str | None, timeout: float = 600) -> None:
+        """Serve `version` (from `adapter_path`; None: the base) beside the served one, to rows that name it; with
+        `version` None, stop. Built here, off the engine thread; rows in flight on the old second one finish."""
+        prepared = None
+        if version is not None:
+            try:
+                prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
+            except Exception as error:
+                raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
+        swap = Swap(version, prepared, second=True)
+        self.inbox.put(swap)
+        swap.done.get(timeout=timeout)
 
     # the engine thread
     def _loop(self):
@@ -239,34 +266,43 @@ class GenerationEngine:
             if waiting and isinstance(waiting[0], Swap):
                 self._apply_swap(waiting.popleft())
                 continue
-            for batch in [b for b in (*self.draining, self.batch) if len(b)]:
+            for batch in self._batches():
                 self._step(batch)
             self.draining = [b for b in self.draining if len(b)]
 
+    def _batches(self) -> list[DecodeBatch]:
+        return [b for b in (*self.draining, self.batch, self.second_batch) if b is not None and len(b)]
+
     def _rows_in_flight(self) -> int:
-        return len(self.batch) + sum(len(b) for b in self.draining)
+        return sum(len(b) for b in self._batches())
 
     def _admit(self, requests: list[Request]):
         """Encode the prompts (cutting long histories) and prefill them into the running batch."""
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        prompts, rows = [], []
+        groups = {"first": ([], []), "second": ([], [])}   # (prompts, rows) for each version's batch
         for request in requests:
             room = self.max_context_tokens - request.max_new_tokens
             ids, dropped = encode_prompt(self.tokenizer, request.messages, max(room, 16))
             request.state = {"prompt_tokens": len(ids), "turns_dropped": dropped, "version": self.version,
-                             "rows": [None] * request.n, "pending": request.n, "first_token_at": None}
+                             "rows": [None] * request.n, "pending": request.n, "first_token_at": None,
+                             "versions": [self.version] * request.n}
             for index in range(request.n):
+                wanted = request.versions[index] if request.versions else None
+                group = "second" if wanted is not None and wanted == self.second_version != self.version else "first"
+                request.state["versions"][index] = self.second_version if group == "second" else self.version
                 row = Row(key=(request, index), max_new_tokens=request.max_new_tokens,
                           temperature=request.temperature, top_p=request.top_p,
                           generator=torch.Generator().manual_seed(int(request.seeds[index])),
                           ignore_eos=request.ignore_eos)
                 row.stream = {"prefix": 0, "read": 0, "text": ""}
                 request.state["rows"][index] = row
-                prompts.append(ids)
-                rows.append(row)
+                groups[group][0].append(ids)
+                groups[group][1].append(row)
         try:
-            self.batch.add(prompts, rows)
+            for batch, (prompts, rows) in ((self.batch, groups["first"]), (self.second_batch, groups["second"])):
+                if rows:
+                    batch.add(prompts, rows)
             self.batches_run += 1
         except Exception as error:
             log.exception("prefill failed")
@@ -327,13 +363,26 @@ class GenerationEngine:
                         turns_dropped=state["turns_dropped"], prompt_tokens=state["prompt_tokens"],
                         completion_tokens=[len(r.tokens) for r in state["rows"]],
                         latency_ms=(done_at - request.submitted_at) * 1000,
-                        first_token_ms=(first - request.submitted_at) * 1000 if first else None)
+                        first_token_ms=(first - request.submitted_at) * 1000 if first else None,
+                        versions=list(state["versions"]))
         self.requests_served += 1
         request.events.put(("done", result))
 
     def _apply_swap(self, swap: Swap):
         """Serve the prepared copy from now on; the old copy's rows finish beside it, then it is freed."""
         started = time.perf_counter()
+        if swap.second:
+            if self.second_batch is not None and len(self.second_batch):
+                self.draining.append(self.second_batch)
+            self.second_version = swap.version
+            self.second_batch = None if swap.version is None else \
+                DecodeBatch(swap.prepared, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            if swap.version is None:
+                log.info("serving %s alone", self.version)
+            else:
+                log.info("serving %s beside %s to the rows that ask for it", swap.version, self.version)
+            swap.done.put(0.0)
+            return
         self.model, self.version = swap.prepared, swap.version
         if len(self.batch):
             self.draining.append(self.batch)

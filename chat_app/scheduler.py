@@ -47,8 +47,9 @@ def should_retrain(*, enabled: bool, is_running: bool, new_votes: int, min_new_v
     return Decision(True, f"{new_votes} new votes since the last run")
 
 
-def serve_version(app, version: str, actor: str | None, action: str = "serve") -> float:
-    """Serve a kept version (or `base`, or `latest`) now; returns the pause in ms. Rejected ones stay rejected."""
+def serve_version(app, version: str, actor: str | None, action: str = "serve", details: dict | None = None) -> float:
+    """Serve a kept version (or `base`, or `latest`) now; returns the pause in ms. Rejected ones stay rejected.
+    `details`: the figures behind the decision, kept with its serving_events row."""
     if version == "latest":
         versions = app.store.versions()
         kept = [v for v in versions if v["status"] in ("serving", "retired")]
@@ -70,7 +71,7 @@ def serve_version(app, version: str, actor: str | None, action: str = "serve") -
             pause_ms = app.engine.swap(row["adapter_path"], version)
         except RuntimeError as error:
             raise OperatorError(str(error), 500) from None
-    app.store.mark_serving(version, actor, action)
+    app.store.mark_serving(version, actor, action, details)
     return pause_ms
 
 
@@ -216,6 +217,14 @@ class RetrainScheduler:
             return
         if run["status"] == "succeeded" and run["candidate_version"]:
             version = run["candidate_version"]
+            canary = self.app.canary
+            if canary is not None and canary.state["share"] > 0:   # the users decide, on a share of comparisons
+                try:
+                    canary.begin(version)
+                except RuntimeError as error:
+                    store.set_version_status(version, "rejected", reason=f"could not load as a canary: {error}")
+                    log.error("could not start %s as a canary: %s", version, error)
+                return
             try:
                 pause_ms = serve_version(self.app, version, actor="scheduler", action="promote")
                 log.info("promoted %s (serving paused %.0f ms)", version, pause_ms)

@@ -52,6 +52,9 @@ def public_status(app) -> dict:
     finished = app.store.last_finished_run()
     if finished:
         status["last_run"] = {k: finished[k] for k in ("id", "status", "candidate_version", "ended_at")}
+    if getattr(app, "canary", None) is not None:   # the live A/B and the versions' ratings from real votes
+        status["canary"] = app.canary.status()
+        status["leaderboard"] = app.canary.leaderboard()
     if app.scheduler is not None:
         schedule = app.scheduler.schedule()
         status["schedule"] = {k: schedule[k] for k in ("enabled", "retrain_every_minutes", "min_new_votes",

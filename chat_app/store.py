@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -13,8 +14,10 @@ from sqlite_utils import Database
 from sqlite_utils import Migrations
 
 CHOICES = ("a", "b", "tie", "both_bad")
-VERSION_STATUSES = ("candidate", "serving", "rejected", "retired")
+VERSION_STATUSES = ("candidate", "canary", "serving", "rejected", "retired")
 
+
+log = logging.getLogger(__name__)
 migrations = Migrations("feedback")
 
 
@@ -56,6 +59,25 @@ def m001_initial(db):
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value_json TEXT NOT NULL)")
 
 
+@migrations()
+def m002_canary_trials(db):
+    """Each answer's version and length (a canary comparison pits two versions), a `canary` status, and the
+    figures behind each serving event."""
+    for column in ("version_a TEXT", "version_b TEXT", "tokens_a INTEGER", "tokens_b INTEGER"):
+        db.execute(f"ALTER TABLE comparisons ADD COLUMN {column}")
+    db.execute("UPDATE comparisons SET version_a = policy_version, version_b = policy_version")
+    db.execute("CREATE INDEX comparisons_versions ON comparisons(version_a, version_b)")
+    db.execute("ALTER TABLE serving_events ADD COLUMN details_json TEXT NOT NULL DEFAULT '{}'")
+    # SQLite cannot change a CHECK constraint: rebuild policy_versions with the new status allowed
+    db.execute("ALTER TABLE policy_versions RENAME TO policy_versions_m001")
+    db.execute("""CREATE TABLE policy_versions (id TEXT PRIMARY KEY, parent TEXT,
+        adapter_path TEXT NOT NULL, reward_adapter_path TEXT, run_id INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('candidate', 'canary', 'serving', 'rejected', 'retired')),
+        reason TEXT, metrics_json TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)""")
+    db.execute("INSERT INTO policy_versions SELECT * FROM policy_versions_m001")
+    db.execute("DROP TABLE policy_versions_m001")
+
+
 class Store:
     """Thread-safe access to feedback.db; returns plain dicts."""
 
@@ -65,6 +87,8 @@ class Store:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self.db = Database(conn)
         self.lock = threading.RLock()
+        self.vote_listeners: list = []
+        """Called with {id, version_a, version_b} after each vote is stored (chat_app.canary listens)."""
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged vote survives a crash
         self.db.execute("PRAGMA foreign_keys=ON")
@@ -121,16 +145,21 @@ class Store:
     def complete_comparison(self, comparison_id: int, *, answer_a: str, answer_b: str, policy_version: str,
                             latency_ms: float | None = None, ended_with_eos: tuple[bool, bool] | None = None,
                             turns_dropped: int = 0, seeds: tuple[int, int] | None = None,
-                            sampling_extra: dict | None = None) -> None:
+                            sampling_extra: dict | None = None, versions: tuple[str, str] | None = None,
+                            tokens: tuple[int, int] | None = None) -> None:
         """Store both sampled answers; only then can the comparison be voted on. `seeds`: the shown answers' seeds
-        when they were picked from more candidates; `sampling_extra` is merged into the sampling settings."""
+        when they were picked from more candidates; `sampling_extra` is merged into the sampling settings.
+        `versions`: each answer's version when they differ (a canary comparison; default both `policy_version`,
+        the version served); `tokens`: each answer's length in tokens."""
         eos = list(ended_with_eos or (None, None))
+        versions, tokens = versions or (policy_version, policy_version), tokens or (None, None)
         with self.lock, self.db.atomic():
             self.db.execute(
                 """UPDATE comparisons SET answer_a = ?, answer_b = ?, policy_version = ?, latency_ms = ?,
-                   ended_with_eos_a = ?, ended_with_eos_b = ?, turns_dropped = ?, completed_at = ? WHERE id = ?""",
+                   ended_with_eos_a = ?, ended_with_eos_b = ?, turns_dropped = ?, completed_at = ?, version_a = ?,
+                   version_b = ?, tokens_a = ?, tokens_b = ? WHERE id = ?""",
                 [answer_a, answer_b, policy_version, latency_ms, eos[0], eos[1], turns_dropped, utc_now(),
-                 comparison_id])
+                 versions[0], versions[1], tokens[0], tokens[1], comparison_id])
             if seeds is not None:
                 self.db.execute("UPDATE comparisons SET seed_a = ?, seed_b = ? WHERE id = ?",
                                 [seeds[0], seeds[1], comparison_id])
@@ -162,7 +191,17 @@ class Store:
                 "WHERE id = ? AND choice IS NULL AND completed_at IS NOT NULL",
                 [choice, voter, utc_now(), comparison_id])
             if cursor.rowcount == 1:
-                return "ok"
+                voted = self._one("SELECT id, version_a, version_b FROM comparisons WHERE id = ?", [comparison_id])
+            else:
+                voted = None
+        if voted is not None:
+            for listener in self.vote_listeners:   # after the commit, outside the lock
+                try:
+                    listener(voted)
+                except Exception:   # a listener's bug must not turn a stored vote into an error
+                    log.exception("vote listener failed")
+            return "ok"
+        with self.lock:
             row = self.db.execute("SELECT choice, completed_at FROM comparisons WHERE id = ?",
                                   [comparison_id]).fetchone()
             if row is None:
@@ -196,12 +235,29 @@ class Store:
         """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected}; both-bad are not pairs. With
         `include_ties`, ties too, marked `"tie": True` (chosen = answer A, rejected = answer B)."""
         choices = ("a", "b", "tie") if include_ties else ("a", "b", "a")
-        rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice FROM comparisons "
+        rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice, version_a, version_b FROM comparisons "
                           "WHERE choice IN (?, ?, ?) ORDER BY id", list(choices))
+        b_won = [r["choice"] == "b" for r in rows]
         return [{"comparison_id": r["id"], "prompt_messages": json.loads(r["prompt_json"]),
-                 "chosen": r["answer_b"] if r["choice"] == "b" else r["answer_a"],
-                 "rejected": r["answer_a"] if r["choice"] == "b" else r["answer_b"],
-                 **({"tie": True} if r["choice"] == "tie" else {})} for r in rows]
+                 "chosen": r["answer_b"] if b else r["answer_a"],
+                 "rejected": r["answer_a"] if b else r["answer_b"],
+                 "versions": {"chosen": r["version_b"] if b else r["version_a"],
+                              "rejected": r["version_a"] if b else r["version_b"]},
+                 **({"tie": True} if r["choice"] == "tie" else {})} for r, b in zip(rows, b_won)]
+
+    def cross_version_votes(self, since: str | None = None, versions: tuple[str, str] | None = None) -> list[dict]:
+        """Votes on comparisons whose two answers came from different versions (canary trials), oldest first;
+        only those voted after `since`, only those between `versions` (either side), when given."""
+        sql = ("SELECT id, version_a, version_b, choice, tokens_a, tokens_b, voted_at FROM comparisons "
+               "WHERE choice IS NOT NULL AND version_a != version_b")
+        params: list = []
+        if since is not None:
+            sql += " AND voted_at > ?"
+            params.append(since)
+        if versions is not None:
+            sql += " AND ((version_a = ? AND version_b = ?) OR (version_a = ? AND version_b = ?))"
+            params += [versions[0], versions[1], versions[1], versions[0]]
+        return self._rows(sql + " ORDER BY voted_at, id", params)
 
     def demonstrations(self) -> list[dict]:
         rows = self._rows("SELECT id, prompt_json, answer FROM demonstrations ORDER BY id")
@@ -225,7 +281,8 @@ class Store:
     def export_preferences(self) -> list[dict]:
         """A/B votes in the conversational preference format TRL reads: prompt, chosen, rejected (message lists)."""
         return [{"prompt": p["prompt_messages"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in self.preference_pairs()]
+                 "rejected": [{"role": "assistant", "content": p["rejected"]}], "versions": p["versions"]}
+                for p in self.preference_pairs()]
 
     # -- policy versions ---------------------------------------------------------------------
     def next_version_id(self) -> str:
@@ -265,18 +322,26 @@ class Store:
         row = self._one("SELECT id FROM policy_versions WHERE status = 'serving'")
         return self.version(row["id"]) if row else None
 
-    def mark_serving(self, version: str, actor: str | None, action: str) -> None:
+    def mark_serving(self, version: str, actor: str | None, action: str, details: dict | None = None) -> None:
         """Record that `version` (or `base`) is served now; the one served before becomes retired."""
         with self.lock, self.db.atomic():
             self.db.execute("UPDATE policy_versions SET status = 'retired' WHERE status = 'serving' AND id != ?",
                             [version])
             if version != "base":
                 self.db.execute("UPDATE policy_versions SET status = 'serving' WHERE id = ?", [version])
-            self.db.execute("INSERT INTO serving_events (version, action, actor, at) VALUES (?, ?, ?, ?)",
-                            [version, action, actor, utc_now()])
+            self.add_serving_event(version, action, actor, details)
+
+    def add_serving_event(self, version: str, action: str, actor: str | None, details: dict | None = None) -> None:
+        """One row of the serving history: what happened to `version`, who did it, the figures behind it."""
+        with self.lock:
+            self.db.execute("INSERT INTO serving_events (version, action, actor, at, details_json) VALUES (?, ?, ?, ?, ?)",
+                            [version, action, actor, utc_now(), json.dumps(details or {})])
 
     def serving_events(self) -> list[dict]:
-        return self._rows("SELECT * FROM serving_events ORDER BY id")
+        rows = self._rows("SELECT * FROM serving_events ORDER BY id")
+        for row in rows:
+            row["details"] = json.loads(row.pop("details_json") or "{}")
+        return rows
 
     # -- training runs -----------------------------------------------------------------------
     def start_run(self, trigger: str, pid: int | None = None) -> int:

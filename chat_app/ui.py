@@ -137,7 +137,8 @@ def build_chat_tab(app) -> gr.Blocks:
             try:
                 comparison_id, request = start_pair(
                     app.store, app.engine, turn["prompt"], source="ui", max_new_tokens=serve.max_new_tokens,
-                    temperature=serve.temperature, top_p=serve.top_p, conversation_id=state["conversation_id"])
+                    temperature=serve.temperature, top_p=serve.top_p, conversation_id=state["conversation_id"],
+                    versions=app.canary.versions_for_new_pair() if app.canary else None)
             except Exception as error:  # say so and keep the page usable: Regenerate tries again
                 turn["stage"] = "failed"
                 yield {notice: f"⚠️ Could not ask the model ({error}). Press Regenerate to try again."}
