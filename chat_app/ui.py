@@ -36,6 +36,7 @@ CSS = """
 WAITING = "*…*"
 SERVING_REFRESH_S = 10
 PAUSE, RESUME = "Pause schedule", "Resume schedule"
+BY_HAND, BY_VOTES = "Decide by hand", "Let the votes decide"
 OPERATOR_REFRESH_S = 2
 
 
@@ -337,6 +338,47 @@ def schedule_text(app) -> str:
             f"{s['last_decision']}")
 
 
+def interval_text(low_high) -> str:
+    return f"[{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else ""
+
+
+def canary_text(app) -> str:
+    """The live A/B in words: the mode, the trial, its figures and what the votes say now."""
+    if app.canary is None:
+        return "Live A/B is not running in this server."
+    s = app.canary.status()
+    mode = ("**automatic**: the votes decide" if s["mode"] == "automatic" else
+            "**by hand**: the votes advise, the operator decides")
+    line = (f"Decisions {mode} · trials take {100 * s['share']:.0f}% of new comparisons · decided from "
+            f"{s['min_votes']} votes, at most {s['max_votes']}")
+    trial = s["trial"]
+    if not trial:
+        return line + "\n\nNo trial running: a version that passes the gate starts one."
+    f = trial["figures"]
+    what = (f"**{trial['candidate']}** (canary) against **{trial['incumbent']}** (serving)" if trial["phase"] == "canary"
+            else f"**{trial['candidate']}** (promoted, serving) watched against its parent **{trial['incumbent']}**")
+    figures = "no votes yet" if not f["comparisons"] else (
+        f"{trial['candidate']} wins {f['win_rate']:.2f} {interval_text(f['win_rate_interval'])} of {f['comparisons']} "
+        f"votes ({f['wins']} won, {f['losses']} lost, {f['ties']} tied)"
+        + (f"; {f['length_controlled_win_rate']:.2f} {interval_text(f['length_controlled_interval'])} at equal length"
+           if f.get("length_controlled_win_rate") is not None else ""))
+    return f"{line}\n\n{what} since {short_time(trial['phase_started_at'])}: {figures}.\n\nThe votes say: " \
+           f"**{trial['next_decision']}** ({trial['reason']})"
+
+
+def leaderboard_table(rows: list[dict]) -> pd.DataFrame:
+    """Versions rated from real cross-version votes (Bradley-Terry, Elo points), best first."""
+    columns = ["version", "rating", "95% interval", "at equal length", "interval (equal length)", "votes",
+               "against parent", "win rate vs parent"]
+    def points(pair):
+        return f"{pair[0]:.0f} – {pair[1]:.0f}" if pair else ""
+    table = [[r["version"], f"{r['rating']:.0f}", points(r["interval"]), f"{r['rating_lc']:.0f}",
+              points(r["interval_lc"]), r["votes"], r["parent"] or "",
+              (f"{r['vs_parent']['win_rate']:.2f} {interval_text(r['vs_parent']['win_rate_interval'])} "
+               f"of {r['vs_parent']['comparisons']}") if r["vs_parent"] else ""] for r in rows]
+    return pd.DataFrame(table, columns=columns)
+
+
 def write_export(app, directory: Path) -> str:
     """store.export_preferences() as JSONL in `directory` (replaced atomically); returns the path."""
     path = directory / "votes.jsonl"
@@ -383,6 +425,15 @@ def build_operator_tab(app) -> gr.Blocks:
             with gr.Row():
                 version_pick = gr.Dropdown(["base"], value="base", label="Version", elem_id="op-version", scale=3)
                 serve_button = gr.Button("Serve this version", elem_id="op-serve", scale=1)
+                trial_button = gr.Button("A/B test it against the served one", elem_id="op-canary-start", scale=1)
+            gr.Markdown("### Live A/B: versions judged by the voters")
+            canary_md = gr.Markdown(elem_id="op-canary")
+            leaderboard_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-leaderboard")
+            with gr.Row():
+                mode_button = gr.Button(BY_HAND, elem_id="op-canary-mode", scale=1)
+                decision_pick = gr.Dropdown(["promote", "retire", "rollback", "confirm"], value="promote",
+                                            label="Decision", elem_id="op-canary-decision", scale=2)
+                decide_button = gr.Button("Decide now", elem_id="op-canary-decide", scale=1)
             gr.Markdown("### Training runs")
             runs_df = gr.Dataframe(interactive=False, wrap=True, elem_id="op-runs")
             export = gr.DownloadButton("Export votes (JSONL)", elem_id="op-export")
@@ -407,11 +458,14 @@ def build_operator_tab(app) -> gr.Blocks:
             """Cheap refresh for the timer; plots and the versions table only when their data changed."""
             runs, versions = app.store.runs(limit=50), app.store.versions()
             updates = {progress_md: progress_text(runs), runs_df: runs_table(runs), **schedule_fields(shown),
-                       op_message: f"Unlocked. Serving **{app.serving_version()}**."}
+                       op_message: f"Unlocked. Serving **{app.serving_version()}**.", canary_md: canary_text(app)}
+            if app.canary is not None:
+                updates[mode_button] = gr.Button(BY_HAND if app.canary.state["auto"] else BY_VOTES)
             signature = [app.store.vote_counts()["total"], [(v["id"], v["status"]) for v in versions],
                          app.serving_version()]
             if signature != drawn:
                 updates.update({drawn_for: signature, versions_df: versions_table(versions),
+                                leaderboard_df: leaderboard_table(app.canary.leaderboard() if app.canary else []),
                                 votes_plot: plots.votes_over_time(app.store.vote_times()),
                                 accuracy_plot: plots.reward_model_accuracy(versions),
                                 reward_plot: plots.reward_and_kl(versions), win_plot: plots.win_rate(versions),
@@ -463,9 +517,30 @@ def build_operator_tab(app) -> gr.Blocks:
             return {op_action: f"Now serving **{app.serving_version()}** (serving paused {pause_ms:.0f} ms).",
                     **live(drawn, shown)}
 
+        def start_trial(version, drawn, shown):
+            try:
+                app.canary.begin_by_operator(version or "base", actor="operator")
+            except OperatorError as error:
+                return {op_action: f"⚠️ {error}"}
+            return {op_action: f"A/B trial started: **{version}** against **{app.serving_version()}**.",
+                    **live(drawn, shown)}
+
+        def switch_mode(label: str):
+            """Does what the button said when it was clicked."""
+            app.canary.set_mode(auto=label == BY_VOTES, actor="operator")
+            return {op_action: "The votes decide the trials." if label == BY_VOTES else
+                    "Trials wait for your decision; the votes only advise.", **live(None, None)}
+
+        def decide(decision, drawn, shown):
+            try:
+                verdict = app.canary.act(decision, actor="operator")
+            except OperatorError as error:
+                return {op_action: f"⚠️ {error}"}
+            return {op_action: f"Decided: {verdict.action}. {verdict.reason}", **live(drawn, shown)}
+
         every_output = [op_message, console, timer, drawn_for, schedule_shown, every, min_votes, pause, schedule_md,
                         op_action, progress_md, votes_plot, accuracy_plot, reward_plot, win_plot, versions_df,
-                        version_pick, runs_df, export]
+                        version_pick, runs_df, export, canary_md, leaderboard_df, mode_button]
         quiet = {"concurrency_limit": None, "show_progress": "hidden"}
         gr.on(triggers=[unlock.click, password.submit], fn=guarded(open_console), inputs=[password],
               outputs=every_output, **quiet)
@@ -474,6 +549,11 @@ def build_operator_tab(app) -> gr.Blocks:
         run_now.click(guarded(start_run), [password, drawn_for, schedule_shown], every_output, **quiet)
         serve_button.click(guarded(serve_picked), [password, version_pick, drawn_for, schedule_shown], every_output,
                            **quiet)
+        trial_button.click(guarded(start_trial), [password, version_pick, drawn_for, schedule_shown], every_output,
+                           **quiet)
+        mode_button.click(guarded(switch_mode), [password, mode_button], every_output, **quiet)
+        decide_button.click(guarded(decide), [password, decision_pick, drawn_for, schedule_shown], every_output,
+                            **quiet)
         timer.tick(guarded(live), [password, drawn_for, schedule_shown], every_output, **quiet)
     return tab
 

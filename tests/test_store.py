@@ -18,14 +18,14 @@ def make_pair(store, answers=("first", "second")):
 
 def test_schema_is_created_from_an_empty_file_with_wal(tmp_path):
     store = Store(tmp_path / "new.db")
-    assert store.schema_versions() == ["m001_initial"]
+    assert store.schema_versions() == ["m001_initial", "m002_canary_trials"]
     conn = sqlite3.connect(tmp_path / "new.db")        # readable by any SQLite tool
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"conversations", "messages", "comparisons", "demonstrations", "policy_versions", "training_runs",
             "settings"} <= tables
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     store.close()
-    assert Store(tmp_path / "new.db").schema_versions() == ["m001_initial"]   # reopening applies nothing twice
+    assert Store(tmp_path / "new.db").schema_versions() == ["m001_initial", "m002_canary_trials"]   # reopening applies nothing twice
 
 
 def test_a_vote_is_stored_once_and_a_second_is_refused(store):
@@ -92,3 +92,31 @@ def test_runs_and_settings_round_trip(store):
     store.set_setting("schedule", {"enabled": False})
     assert store.get_setting("schedule") == {"enabled": False}
     assert json.loads(json.dumps(store.runs()))   # plain data
+
+
+def test_a_database_from_before_canary_trials_upgrades_with_nothing_lost(tmp_path):
+    """m002 rebuilds policy_versions (a CHECK cannot be altered in SQLite): every row and vote must survive."""
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    from chat_app.store import Store, migrations
+
+    path = tmp_path / "old.db"
+    old = Database(sqlite3.connect(path))
+    migrations.apply(old, stop_before="m002_canary_trials")          # the schema as the last release left it
+    old.execute("INSERT INTO policy_versions (id, parent, adapter_path, run_id, status, reason, metrics_json, "
+                "created_at) VALUES ('v1', NULL, 'adapters/v1', 1, 'serving', 'passed', '{\"x\": 1}', 't')")
+    old.execute("INSERT INTO comparisons (prompt_json, answer_a, answer_b, policy_version, sampling_json, source, "
+                "created_at, completed_at, choice, voted_at) VALUES ('[]', 'A', 'B', 'v1', '{}', 'ui', 't', 't', "
+                "'a', 't')")
+    old.conn.commit()
+    old.close()
+    store = Store(path)
+    assert store.schema_versions()[-1] == "m002_canary_trials"
+    assert store.version("v1")["status"] == "serving" and store.version("v1")["metrics"] == {"x": 1}
+    pair = store.preference_pairs()[0]
+    assert pair["chosen"] == "A" and pair["versions"] == {"chosen": "v1", "rejected": "v1"}   # both as served
+    store.add_version("v2", "adapters/v2", parent="v1", run_id=2, metrics={}, status="canary")   # the new status
+    assert store.version("v2")["status"] == "canary"
+    store.close()

@@ -211,7 +211,7 @@ def test_operator_console_needs_the_password(server, page, monkeypatch):
         page.locator("#op-export").click()
     rows = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
     assert len(rows) == len(app.store.export_preferences())
-    assert all(set(row) == {"prompt", "chosen", "rejected"} for row in rows)
+    assert all(set(row) == {"prompt", "chosen", "rejected", "versions"} for row in rows)   # versions: see canary
 
     password.fill("not-the-password")  # every action checks the password again, server-side
     page.locator("#op-serve").click()
@@ -248,3 +248,52 @@ def test_the_schedule_controls_follow_the_server_and_do_what_they_say(server, pa
         assert app.scheduler.settings["enabled"] is False
     finally:
         app.scheduler.update_schedule({"enabled": True, "retrain_every_minutes": 600, "min_new_votes": 1000})
+
+
+def test_the_operator_runs_an_ab_trial_and_decides_it_by_hand(server, page, monkeypatch, tmp_path):
+    """A kept version against the served one: the page shows the trial and the leaderboard, and obeys decisions."""
+    from peft import LoraConfig, get_peft_model
+
+    from chat_app.model import load_model
+
+    app, _ = server
+    monkeypatch.setenv("OPERATOR_PASSWORD", PASSWORD)
+    adapter = get_peft_model(load_model(app.config.model, app.engine.tokenizer),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "ab")
+    name = f"v{len(app.store.versions()) + 1}"
+    app.store.add_version(name, str(tmp_path / "ab"), parent="base", run_id=None, metrics={}, status="retired")
+    page.get_by_role("tab", name="Operator").click()
+    page.locator("#op-password input").fill(PASSWORD)
+    page.locator("#op-unlock").click()
+    expect(page.locator("#op-canary")).to_contain_text("No trial running")
+    try:
+        page.locator("#op-version input").fill(name)
+        page.locator("#op-version input").press("Enter")
+        page.locator("#op-canary-start").click()
+        expect(page.locator("#op-action")).to_contain_text(f"A/B trial started: {name} against base")
+        expect(page.locator("#op-canary")).to_contain_text(f"{name} (canary) against base (serving)")
+        page.locator("#op-canary-mode").click()                          # "Decide by hand"
+        expect(page.locator("#op-canary")).to_contain_text("by hand")
+        expect(page.locator("#op-canary-mode")).to_have_text("Let the votes decide")
+        app.canary.state["share"] = 1.0                                  # every new comparison is a trial one
+        for i in range(3):                                               # voters prefer the canary's answers
+            from chat_app.chat import finish_pair, start_pair
+            cid, job = start_pair(app.store, app.engine, [{"role": "user", "content": f"ab {i}"}], source="test",
+                                  max_new_tokens=4, temperature=0.7, top_p=0.9,
+                                  versions=app.canary.versions_for_new_pair())
+            finish_pair(app.store, cid, job.result())
+            row = app.store.comparison(cid)
+            app.store.record_vote(cid, "a" if row["version_a"] == name else "b", "test")
+        expect(page.locator("#op-canary")).to_contain_text(f"{name} wins 1.00", timeout=10_000)
+        expect(page.locator("#op-leaderboard")).to_contain_text(name, timeout=10_000)
+        page.locator("#op-canary-decision input").fill("retire")
+        page.locator("#op-canary-decision input").press("Enter")
+        page.locator("#op-canary-decide").click()
+        expect(page.locator("#op-action")).to_contain_text("Decided: retire")
+        expect(page.locator("#op-canary")).to_contain_text("No trial running")
+        assert app.serving_version() == "base" and app.store.version(name)["status"] == "retired"
+    finally:
+        if app.canary.trial:
+            app.canary.act("retire" if app.canary.trial["phase"] == "canary" else "rollback", actor="test")
+        app.canary.set_mode(auto=True, share=app.config.canary.share)
