@@ -49,12 +49,15 @@ def plain_generate(model, tokenizer, questions: list[str], new_tokens: int, per_
     return {"ms_per_step": seconds * 1000 / new_tokens, "tokens_per_s": sequences * new_tokens / seconds}
 
 
-def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int, together: bool) -> dict:
-    """Pairs through the engine: all submitted at once (batched), or one request after another."""
+def engine_pairs(engine: GenerationEngine, questions: list[str], new_tokens: int, together: bool,
+                 versions=None) -> dict:
+    """Pairs through the engine: all submitted at once (batched), or one request after another. `versions(i)`: the
+    two versions of the i-th pair (a canary trial's), or None for the served one."""
     started = time.perf_counter()
     if together:
-        results = [job.result() for job in [engine.submit(ask(q), n=2, max_new_tokens=new_tokens, ignore_eos=True)
-                                            for q in questions]]
+        results = [job.result() for job in [engine.submit(ask(q), n=2, max_new_tokens=new_tokens, ignore_eos=True,
+                                                          versions=versions(i) if versions else None)
+                                            for i, q in enumerate(questions)]]
     else:
         results = [engine.submit(ask(q), n=2, max_new_tokens=new_tokens, ignore_eos=True).result()
                    for q in questions]
@@ -277,6 +280,28 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
                                 "ratio_to_base": lora_one["ms_per_step"] / one["ms_per_step"]}
         say(f"with a LoRA adapter: one pair {lora_one['ms_per_step']:.1f} ms/step "
             f"({results['with_lora']['ratio_to_base']:.2f}x the base), 8 users {lora_eight['tokens_per_s']:.0f} tok/s")
+
+        # 2b. a canary trial: the base beside v1 in the same steps, rows grouped by version (one forward each)
+        engine.set_second(None, "base")
+        trial = lambda i: ["v1", "base"]                                       # every pair a trial pair
+        quarter = lambda i: ["v1", "base"] if i % 4 == 0 else None              # canary.share's default
+        mixed_one = engine_pairs(engine, QUESTIONS[:1], new_tokens, together=True, versions=trial)
+        mixed_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True, versions=trial)
+        quarter_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True, versions=quarter)
+        engine.set_second(None, None)
+        results["mixed_versions"] = {
+            "one_pair_ms_per_step": mixed_one["ms_per_step"],
+            "one_pair_ratio_to_single_version": mixed_one["ms_per_step"] / lora_one["ms_per_step"],
+            "eight_users_tokens_per_s": mixed_eight["tokens_per_s"],
+            "eight_users_ratio_to_single_version": mixed_eight["tokens_per_s"] / lora_eight["tokens_per_s"],
+            "quarter_trial_tokens_per_s": quarter_eight["tokens_per_s"],
+            "quarter_trial_ratio_to_single_version": quarter_eight["tokens_per_s"] / lora_eight["tokens_per_s"]}
+        mixed = results["mixed_versions"]
+        say(f"two versions in one step (canary trial): one pair {mixed['one_pair_ms_per_step']:.1f} ms/step "
+            f"({mixed['one_pair_ratio_to_single_version']:.2f}x one version); 8 users all in the trial "
+            f"{mixed['eight_users_tokens_per_s']:.0f} tok/s ({mixed['eight_users_ratio_to_single_version']:.2f}x the "
+            f"throughput of one version), a quarter in it {mixed['quarter_trial_tokens_per_s']:.0f} tok/s "
+            f"({mixed['quarter_trial_ratio_to_single_version']:.2f}x)")
 
     # 3. while a training process runs beside serving: our thread split against torch's defaults
     if device.type == "cpu":

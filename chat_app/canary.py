@@ -163,8 +163,13 @@ class Canary:
                 verdict = self.evaluate()
                 trial.update(votes=verdict.figures["comparisons"], figures=_round(verdict.figures),
                              next_decision=verdict.action, reason=verdict.reason)
+            decisions = [e for e in self.app.store.serving_events() if e["action"].startswith("canary-")]
+            last = decisions[-1] if decisions else None
             return {"mode": "automatic" if self.state["auto"] else "manual", "share": self.state["share"],
-                    "min_votes": self.config.min_votes, "max_votes": self.config.max_votes, "trial": trial}
+                    "min_votes": self.config.min_votes, "max_votes": self.config.max_votes, "trial": trial,
+                    "last_decision": {"version": last["version"], "action": last["action"].removeprefix("canary-"),
+                                      "by": last["actor"], "at": last["at"], "votes": last["details"].get("comparisons"),
+                                      "reason": last["details"].get("reason")} if last else None}
 
     def leaderboard(self) -> list[dict]:
         """version_ratings over every cross-version vote so far, recomputed only when votes or versions changed."""

@@ -24,6 +24,9 @@ def test_bench_reports_every_figure_beside_its_baseline():
     assert eight["tokens_per_s"] > 0 and eight["one_at_a_time_tokens_per_s"] > 0
     assert eight["plain_generate_tokens_per_s"] > 0
     assert results["with_lora"]["one_pair_ms_per_step"] > 0
+    mixed = results["mixed_versions"]                           # a canary trial: two versions in one step
+    assert mixed["one_pair_ms_per_step"] > 0 and mixed["eight_users_tokens_per_s"] > 0
+    assert mixed["quarter_trial_tokens_per_s"] > 0
     assert results["hot_swap"]["requests_failed"] == 0 and results["hot_swap"]["pause_ms"] >= 0
     assert set(results["during_training"]) == {"split", "default_threads"}
     training = results["training"]

@@ -228,3 +228,73 @@ def test_a_canary_the_voters_dislike_is_retired_and_manual_mode_waits_for_the_op
         assert comparison["version_a"] == comparison["version_b"] == "base"
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("share", [0.25, 0.0])
+def test_a_candidate_that_passes_the_gate_becomes_a_canary_or_with_no_share_is_served(two_versions, tmp_path, share):
+    from chat_app.scheduler import RetrainScheduler
+
+    _, _, v1 = two_versions
+    app, _ = in_process_app(tmp_path / "app", [f"canary.share={share}"])
+    try:
+        scheduler = RetrainScheduler(app)                       # not started: after_run is what a finished run calls
+        run_id = app.store.start_run("test")
+        app.store.add_version("v1", v1, parent="base", run_id=run_id, metrics={}, status="candidate")
+        app.store.finish_run(run_id, "succeeded", candidate_version="v1")
+        scheduler.after_run(run_id, 0)
+        if share:
+            assert app.serving_version() == "base" and app.engine.second_version == "v1"
+            assert app.store.version("v1")["status"] == "canary"
+            assert app.canary.status()["trial"]["candidate"] == "v1"
+            assert [e["action"] for e in app.store.serving_events()] == ["canary"]
+        else:
+            assert app.serving_version() == "v1" and app.engine.second_version is None
+            assert app.store.version("v1")["status"] == "serving" and app.canary.trial is None
+    finally:
+        app.close()
+
+
+def test_a_trial_survives_a_restart(two_versions, tmp_path):
+    _, _, v1 = two_versions
+    app, _ = in_process_app(tmp_path / "app")
+    try:
+        register_v1(app, v1)
+        app.canary.begin("v1", actor="test")
+    finally:
+        app.close()
+    app, client = in_process_app(tmp_path / "app")                # the same database and settings
+    try:
+        assert app.canary.trial["candidate"] == "v1" and app.engine.second_version == "v1"
+        assert client.get("/api/status").json()["canary"]["trial"]["phase"] == "canary"
+    finally:
+        app.close()
+
+
+def test_simulated_users_vote_a_trial_to_its_decisions(two_versions, tmp_path, capsys):
+    """simulate --server's trial loop, over the in-process API: it votes until the canary is promoted, then through
+    the watch until it is confirmed, and prints each decision with the votes it took."""
+    import json
+
+    from trainer.simulate import vote_through_trial
+
+    _, _, v1 = two_versions
+    app, client = in_process_app(tmp_path / "app", OVERRIDES)
+    try:
+        register_v1(app, v1)
+        app.canary.begin("v1", actor="test")
+
+        def safe_vote(i):   # a judge that likes v1's answers (it is told the versions: a scripted judge)
+            body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"s{i}"}],
+                                                             "n": 2, "max_tokens": 4}).json()
+            row = app.store.comparison(body["comparison_id"])
+            choice = "tie" if row["version_a"] == row["version_b"] else "a" if row["version_a"] == "v1" else "b"
+            client.post("/v1/feedback", json={"comparison_id": row["id"], "choice": choice})
+            return body["model"], choice, 0.0
+
+        vote_through_trial(client, safe_vote, concurrency=4, wait_s=300)
+        decisions = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert [d["decision"]["action"] for d in decisions] == ["promote", "confirm"]
+        assert all(d["decision"]["votes"] >= 12 for d in decisions) and app.serving_version() == "v1"
+        assert app.canary.trial is None and app.engine.second_version is None
+    finally:
+        app.close()

@@ -92,6 +92,38 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
     return summaries
 
 
+def vote_through_trial(client, safe_vote, concurrency: int, wait_s: float) -> None:
+    """While the server runs a canary trial (chat_app/canary.py), keep voting until the votes decide it; print its
+    figures as they go and the decision with the votes it took. Nothing to do without a trial."""
+    status = client.get("/api/status").json()
+    trial = (status.get("canary") or {}).get("trial")
+    if not trial:
+        return
+    started, deadline, cast = time.time(), time.time() + wait_s, 0
+    print(f"  trial: {trial['candidate']} against {trial['incumbent']} ({trial['phase']}) on "
+          f"{100 * status['canary']['share']:.0f}% of comparisons; voting until the votes decide", flush=True)
+    while time.time() < deadline:
+        with ThreadPoolExecutor(concurrency) as pool:
+            cast += sum(r is not None for r in pool.map(safe_vote, range(concurrency)))
+        status = client.get("/api/status").json()
+        now = status["canary"]["trial"]
+        if not now or (now["candidate"], now["phase"]) != (trial["candidate"], trial["phase"]):
+            decision = status["canary"]["last_decision"]
+            print(json.dumps({"trial": f"{trial['candidate']} vs {trial['incumbent']}", "phase": trial["phase"],
+                              "decision": decision, "votes_cast": cast, "minutes": round((time.time() - started) / 60, 1),
+                              "serving_version": status["serving_version"],
+                              "leaderboard": status.get("leaderboard")}), flush=True)
+            if now:   # promoted: the watch against its parent goes on
+                trial, started, cast = now, time.time(), 0
+                print(f"  trial: {trial['candidate']} watched against {trial['incumbent']}", flush=True)
+                continue
+            return
+        f = now.get("figures") or {}
+        print(f"  {time.strftime('%H:%M:%S')} {now['candidate']} vs {now['incumbent']} ({now['phase']}): "
+              f"{f.get('comparisons', 0)} trial votes, win rate {f.get('win_rate') or 0:.2f} "
+              f"{f.get('win_rate_interval') or ''}; the votes say {now['next_decision']}", flush=True)
+
+
 def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycles: int, oracle: str, config,
                        concurrency: int = 8, wait_s: float = 3600):
     """Vote through a running app's API; its scheduler retrains. Waits for the run after each round."""
@@ -148,9 +180,13 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
         print(json.dumps({"cycle": cycle, "votes": len(results), "failed": len(failures), "served_by": versions,
                           "median_request_ms": round(latencies[len(latencies) // 2]),
                           "time/votes_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        vote_through_trial(client, safe_vote, concurrency, wait_s)
         deadline, during = time.time() + wait_s, []
         while time.time() < deadline:   # the server's scheduler decides when to train; keep chatting meanwhile
             status = client.get("/api/status").json()
+            if not status.get("training") and not status.get("schedule", {}).get("enabled", True):
+                print("  the server's schedule is paused: not waiting for a training run", flush=True)
+                break
             last, previous = status.get("last_run"), before.get("last_run")
             if last and (not previous or last["id"] > previous["id"]) and status["training"] is None:
                 break
@@ -168,5 +204,6 @@ def simulate_over_http(server: str, judge, prompts: list[str], votes: int, cycle
                           "serving": status["serving"], "requests_while_training": len(during),
                           "median_ms_while_training": round(during_ms[len(during_ms) // 2]),
                           "failed": len(failures)}), flush=True)
+        vote_through_trial(client, safe_vote, concurrency, wait_s)   # a version that passed the gate: a canary
     if failures:
         print("failures:", *failures[:10], sep="\n  ")
