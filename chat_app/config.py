@@ -126,10 +126,15 @@ class PPOConfig:
     max_minutes: float = 10.0
     """Stop starting iterations once the next would end past this many minutes of PPO (0: no limit). The cycle's
     budget: at 300 votes on 2 cores the reward model takes ~1-2 min, the gate ~1 min (issue 12: <= 15 min)."""
-    rollout_prompts: int = 8
+    rollout_prompts: int = 4
     """Prompts per PPO iteration."""
-    samples_per_prompt: int = 2
-    """Answers sampled per prompt (rollout batch = prompts × samples)."""
+    samples_per_prompt: int = 4
+    """Answers sampled per prompt (rollout batch = prompts × samples); with `baseline_per_prompt`, each answer is
+    judged against the prompt's other answers, so more of them make a steadier baseline."""
+    baseline_per_prompt: bool = True
+    """Subtract from each answer's score the mean score of the other answers to its prompt (leave-one-out) before
+    the KL penalty and GAE: the reward model only knows which answer to a prompt is better, not how good a prompt's
+    answers are, and 5 iterations are too few for the value head to learn the difference (issue 12)."""
     response_length: int = 128
     """New tokens per rollout answer: as served (`serve.max_new_tokens`), so the reward model scores what users see
     and the policy trains on the tokens it is judged on. 48 tokens trained a policy that users saw at 128 (issue 12)."""

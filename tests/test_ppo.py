@@ -252,3 +252,15 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert end > start + 0.15, scores                            # seen: about 0.14 -> 0.45 and up
     assert 0.5 < metrics["objective/kl"] < 40                    # it moved, but stayed near the base
+
+
+def test_prompt_baseline_is_leave_one_out_within_a_prompt():
+    from trainer.ppo import prompt_baseline
+
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 7.0])
+    prompts = torch.tensor([0, 0, 0, 1, 1, 2])                # three answers, two answers, one answer
+    centered = prompt_baseline(scores, prompts)
+    expected = torch.tensor([1 - 2.5, 2 - 2.0, 3 - 1.5, 10 - 20.0, 20 - 10.0, 7.0])   # alone: kept as it is
+    assert torch.allclose(centered, expected)
+    shifted = prompt_baseline(scores + torch.tensor([5.0, 5, 5, -3, -3, 0]), prompts)  # a per-prompt offset
+    assert torch.allclose(shifted[:5], centered[:5])          # ...is what the baseline removes

@@ -146,7 +146,8 @@ def test_a_comparison_stores_the_picked_pair(trained, base, tokenizer, store, tm
     cid = store.create_comparison(prompt_messages=prompt, sampling={"max_new_tokens": 16}, source="test",
                                   seeds=[11, 12, 13, 14])
     result = SimpleNamespace(texts=texts, ended_with_eos=[True, False, True, False], version="v1", seeds=[11, 12, 13, 14],
-                             prompt_messages=prompt, latency_ms=5.0, turns_dropped=0)
+                             prompt_messages=prompt, latency_ms=5.0, turns_dropped=0, versions=None,
+                             completion_tokens=[7, 7, 8, 7])
     i, j = finish_pair(store, cid, result, picker)
     expected = picker.pick(prompt, texts)[:2]
     assert (i, j) == expected

@@ -64,6 +64,17 @@ def compute_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask
     return rewards, kl
 
 
+def prompt_baseline(scores: Tensor, prompt_ids: Tensor) -> Tensor:
+    """scores (batch,) minus the mean score of the other answers to the same prompt (leave-one-out); a prompt
+    answered once keeps its score. The reward model is a Bradley-Terry fit: only differences between answers to
+    the same prompt are what the votes taught it, and a term that depends on the prompt alone leaves the best
+    policy unchanged while removing the variance of "this prompt scores high" [Kool et al. 2019; RLOO]."""
+    same = prompt_ids[:, None] == prompt_ids[None, :]             # (batch, batch) answers to one prompt
+    others = same.sum(1) - 1                                      # (batch,) other answers to the same prompt
+    others_sum = (same.float() @ scores) - scores
+    return torch.where(others > 0, scores - others_sum / others.clamp(min=1), scores)
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """(advantages, returns), both (batch, resp_len), by generalised advantage estimation [GAE]."""
     rewards, values = rewards * mask, values * mask             # nothing after the last real token: the episode ended
@@ -363,8 +374,9 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         rows = [i for i in picks for _ in range(cfg.samples_per_prompt)]
         batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
         raw_scores = torch.as_tensor(reward_fn([prompts_messages[i] for i in rows], batch["texts"])).detach().float()
+        scores = prompt_baseline(raw_scores, torch.tensor(rows)) if cfg.baseline_per_prompt else raw_scores
         # 2. experience: old and reference logprobs, values, rewards, advantages
-        exp = make_experience(policy, value_head, batch, raw_scores, cfg, score_stats, kl_coef=kl_ctl.value)
+        exp = make_experience(policy, value_head, batch, scores, cfg, score_stats, kl_coef=kl_ctl.value)
         kl_ctl.update(exp["kl"].sum(1).mean().item(), len(rows))   # β for the next batch
         rollout_s = time.perf_counter() - started
         # 3. update: epochs of clipped PPO on shuffled minibatches
