@@ -198,27 +198,34 @@ def register_api(api: FastAPI, app: App) -> None:
                 return f"data: {json.dumps(body)}\n\n"
 
             model = app.serving_version()
-            yield chunk(model, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                                for i in range(args["n"])])
-            while True:
-                try:
-                    event = await asyncio.to_thread(job.events.get, timeout=600)
-                except Exception:
-                    event = ("error", "no answer from the generation engine within 600 s")
-                if event[0] == "token":
-                    yield chunk(model, [{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
-                elif event[0] == "error":
-                    failed()
-                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
-                    return
-                else:
-                    result = event[1]
-                    finished(result)
-                    yield chunk(result.version, [{"index": i, "delta": {}, "finish_reason": _finish_reason(eos)}
-                                                 for i, eos in enumerate(result.ended_with_eos)],
-                                usage=_usage(result))
-                    yield "data: [DONE]\n\n"
-                    return
+            ended = False   # the stream reached its end (done or error); otherwise the client went away mid-stream
+            try:
+                yield chunk(model, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                                    for i in range(args["n"])])
+                while True:
+                    try:
+                        event = await asyncio.to_thread(job.events.get, timeout=600)
+                    except Exception:
+                        event = ("error", "no answer from the generation engine within 600 s")
+                    if event[0] == "token":
+                        yield chunk(model, [{"index": event[1], "delta": {"content": event[2]}, "finish_reason": None}])
+                    elif event[0] == "error":
+                        ended = True
+                        failed()
+                        yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+                        return
+                    else:
+                        ended, result = True, event[1]
+                        finished(result)
+                        yield chunk(result.version, [{"index": i, "delta": {}, "finish_reason": _finish_reason(eos)}
+                                                     for i, eos in enumerate(result.ended_with_eos)],
+                                    usage=_usage(result))
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                if not ended:   # a dropped stream: stop sampling for it (the in-flight cap freed its slot already)
+                    app.engine.cancel(job)
+                    failed()    # and forget its half-sampled comparison: nobody will see it to vote
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -62,6 +62,8 @@ class Request:
     submitted_at: float = field(default_factory=time.perf_counter)
     state: dict | None = None
     """The engine's bookkeeping while the request is in flight."""
+    cancelled: bool = False
+    """Set by `GenerationEngine.cancel`: its client went away, so its rows stop at the next step."""
 
     def stream(self, timeout: float | None = 600) -> Iterator[tuple]:
         """Events until done or error."""
@@ -210,6 +212,12 @@ class GenerationEngine:
             self.inbox.put(request)
         return request
 
+    def cancel(self, request: Request) -> None:
+        """Stop sampling for a client that went away (a dropped stream): a queued request is never admitted and the
+        rows of one in flight end at the next step, so a client cannot fill the batch by opening and dropping
+        streams. Its events still end with "done" (the answers cut short)."""
+        request.cancelled = True
+
     def queue_depth(self) -> int:
         """Requests (and swaps) submitted but not yet admitted into a batch."""
         return len(self.waiting) + self.inbox.qsize()
@@ -257,6 +265,9 @@ class GenerationEngine:
             admitted = []
             room = self.max_batch_requests * 2 - self._rows_in_flight()
             while waiting and isinstance(waiting[0], Request) and waiting[0].n <= room:
+                if waiting[0].cancelled:         # its client left while it waited
+                    waiting.popleft().events.put(("error", "cancelled: the client went away"))
+                    continue
                 room -= waiting[0].n
                 admitted.append(waiting.popleft())
             if admitted:
@@ -311,6 +322,9 @@ class GenerationEngine:
 
     def _step(self, batch: DecodeBatch):
         started = time.perf_counter()
+        for row in batch.rows:
+            if row.key[0].cancelled:             # its client went away: this step is its last
+                row.max_new_tokens = 0
         try:
             emitted, ended = batch.step()
         except Exception as error:   # fail what is in flight, keep the engine alive
