@@ -39,7 +39,7 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 async def read_json(request: Request) -> dict:
     """The body as a JSON object; ApiError (400) for bad JSON, bad UTF-8, deep nesting or lone surrogates."""
     try:
-        body = json.loads(await request.body() or b"null")
+        body = json.loads((await request.body() or b"null").decode("utf-8"))   # bytes: json guesses UTF-16/32 too
         # a "\ud800" escape parses to a string SQLite and the tokenizer cannot encode: refuse it here, once
         json.dumps(body, ensure_ascii=False).encode()
     except RecursionError:   # json recurses per nesting level: [[[[...]]]] deep enough overflows the stack
@@ -58,7 +58,9 @@ def _number(body: dict, key: str, default, low: float, high: float, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ApiError(400, f"{key} must be {'an integer' if kind is int else 'a number'}", key)
     if not low <= value <= high:
-        raise ApiError(400, f"{key} must be between {low} and {high}, got {value}", key)
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        shown = shown if len(shown) <= 24 else f"an integer of {len(shown.lstrip('-'))} digits"
+        raise ApiError(400, f"{key} must be between {low} and {high}, got {shown}", key)   # not 4,300 digits back
     return kind(value)
 
 
@@ -82,7 +84,7 @@ def parse_completion_request(body: dict, app: App) -> dict:
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or n not in (1, 2):
-        raise ApiError(400, f"n must be 1 or 2 (two answers make a comparison to vote on), got {n!r}", "n")
+        raise ApiError(400, f"n must be 1 or 2 (two answers make a comparison to vote on), got {n!r}"[:300], "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", "stream")
