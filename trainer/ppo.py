@@ -373,12 +373,17 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             rng.choices(range(len(prompt_ids)), k=cfg.rollout_prompts)
         rows = [i for i in picks for _ in range(cfg.samples_per_prompt)]
         batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
+        generated = time.perf_counter()
         raw_scores = torch.as_tensor(reward_fn([prompts_messages[i] for i in rows], batch["texts"])).detach().float()
         scores = prompt_baseline(raw_scores, torch.tensor(rows)) if cfg.baseline_per_prompt else raw_scores
+        scored = time.perf_counter()
         # 2. experience: old and reference logprobs, values, rewards, advantages
         exp = make_experience(policy, value_head, batch, scores, cfg, score_stats, kl_coef=kl_ctl.value)
         kl_ctl.update(exp["kl"].sum(1).mean().item(), len(rows))   # β for the next batch
         rollout_s = time.perf_counter() - started
+        for key, seconds in (("generate", generated - started), ("score", scored - generated),
+                             ("experience", started + rollout_s - scored)):
+            metrics[f"time/{key}_s"] = metrics.get(f"time/{key}_s", 0.0) + seconds   # the rollout's three parts
         # 3. update: epochs of clipped PPO on shuffled minibatches
         started = time.perf_counter()
         update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_loss)
