@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The one entry point: serve (default), retrain, simulate, evaluate, bench, export, backup, prepare."""
+"""The one entry point: serve (default), retrain, simulate, evaluate, bench, export, backup, migrate-db, prepare."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def parse_args(argv=None):
         p.add_argument("--config", default="configs/default.yaml", help="YAML config file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set ppo.kl_coef=0.1 (repeatable)")
-        p.add_argument("--db", help="SQLite file (default: serve.db_path)")
+        p.add_argument("--db", help="SQLite file or postgresql://user@host:port/dbname (default: serve.db_path)")
         return p
 
     p = command("serve", "start the chat app (UI, API, scheduler)")
@@ -80,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="-", help="file, or - for stdout")
     p = command("backup", "copy the database and the adapter versions it lists into a new folder (safe while serving)")
     p.add_argument("--to", required=True, metavar="DIR", help="a new or empty folder")
+    p = command("migrate-db", "copy every table of a database, row for row, into a new empty one (e.g. to PostgreSQL)")
+    p.add_argument("--from", dest="source", required=True, metavar="DB", help="the database copied, e.g. feedback.db")
+    p.add_argument("--to", dest="target", required=True, metavar="DB",
+                   help="an empty database: postgresql://user@host:port/dbname, or a new SQLite file")
     command("prepare", "fetch and cache the model, create the database")
     args = parser.parse_args(argv)
     if args.command is None:
@@ -102,7 +106,10 @@ def main(argv=None):
         config = load_config(args.config, overrides)
     except (ConfigError, OSError) as error:
         sys.exit(f"run.py: config error: {error}")
-    if args.command in ("export", "evaluate", "backup") and not os.path.exists(config.serve.db_path):
+    from chat_app.db import is_postgres
+
+    if args.command in ("export", "evaluate", "backup") and not is_postgres(config.serve.db_path) \
+            and not os.path.exists(config.serve.db_path):
         sys.exit(f"run.py: no database at {config.serve.db_path} (give --db PATH)")
 
     if args.command == "serve":
@@ -159,8 +166,15 @@ def main(argv=None):
 
         try:
             print(json.dumps(backup(config, args.to), indent=2))
-        except FileExistsError as error:
+        except (FileExistsError, ValueError) as error:   # a folder not empty; a PostgreSQL database (pg_dump)
             sys.exit(f"run.py: backup: {error}")
+    elif args.command == "migrate-db":
+        from chat_app.store import copy_database
+
+        try:
+            print(json.dumps(copy_database(args.source, args.target), indent=2))   # rows per table
+        except (ValueError, OSError) as error:   # a missing source, a target holding rows, no server
+            sys.exit(f"run.py: migrate-db: {error}")
     elif args.command == "export":
         from chat_app.store import Store
 

@@ -238,8 +238,8 @@ def register_api(api: FastAPI, app: App) -> None:
             raise ApiError(400, "comparison_id is required", "comparison_id")
         comparison_id = comparison_id_from(body["comparison_id"])
         voter = body.get("voter")
-        if voter is not None and (not isinstance(voter, str) or len(voter) > 200):
-            raise ApiError(400, "voter must be a string of at most 200 characters", "voter")
+        if voter is not None and (not isinstance(voter, str) or len(voter) > 200 or "\x00" in voter):
+            raise ApiError(400, "voter must be a string of at most 200 characters (no NUL)", "voter")
         status, message = cast_vote(app.store, comparison_id, body.get("choice"), voter=voter or "api")
         code = {"ok": 200, "invalid": 400, "unknown": 404, "duplicate": 409, "incomplete": 409}[status]
         if code != 200:

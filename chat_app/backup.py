@@ -11,12 +11,16 @@ import os
 import shutil
 from pathlib import Path
 
+from chat_app.db import is_postgres
 from chat_app.store import backup_database, utc_now
 
 
 def backup(config, to_dir: str | Path) -> dict:
     """Write feedback.db, adapters/<version>/ and manifest.json into the new or empty folder `to_dir`; returns the
     manifest."""
+    if is_postgres(config.serve.db_path):   # the online copy below is SQLite's own
+        raise ValueError("backup copies a SQLite file; serve.db_path is a PostgreSQL database: use pg_dump for it "
+                         "(and copy serve.adapters_dir)")
     to = Path(to_dir)
     if to.exists() and any(to.iterdir()):
         raise FileExistsError(f"{to} is not empty: back up into a new folder")

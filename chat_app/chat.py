@@ -67,6 +67,8 @@ def clean_messages(messages, limits=None) -> list[dict]:
             content = flatten_content(message.get("content"))
         except ChatInputError as error:
             raise ChatInputError(f"messages[{i}].{error}") from None
+        if "\x00" in content:   # no text has one; PostgreSQL's text type cannot store it
+            raise ChatInputError(f"messages[{i}].content contains a NUL character")
         cleaned.append({"role": role, "content": content})
     if limits:   # after flattening, so text parts count by their joined length; the body cap bounds the loop
         check_limits(cleaned, limits)

@@ -1,20 +1,26 @@
 """The HTTP API through a real server process (tiny model): the official openai client, votes, bad input."""
+import contextlib
 import time
 
 import httpx
 import pytest
 
-from conftest import start_server, stop_server
+from conftest import fresh_postgres_database, start_server, stop_server
 
 PASSWORD = "s3cret-test"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """The server over each store backend: a SQLite file, then a PostgreSQL database (skipped without one)."""
     tmp = tmp_path_factory.mktemp("api")
-    process, url = start_server(tmp, ["--no-ui"], env={"OPERATOR_PASSWORD": PASSWORD})
-    yield url
-    stop_server(process)
+    with contextlib.ExitStack() as stack:
+        db = None
+        if request.param == "postgresql":
+            db = stack.enter_context(fresh_postgres_database(request.getfixturevalue("postgres_server")))
+        process, url = start_server(tmp, ["--no-ui"], env={"OPERATOR_PASSWORD": PASSWORD}, db=db)
+        yield url
+        stop_server(process)
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,8 @@ def chat(content) -> bytes:
     ("/api/operator/schedule", b'{"retrain_every_minutes": 1e999}', 400, "at most a week"),   # overflowed APScheduler
     ("/api/operator/schedule", b'{"retrain_every_minutes": NaN}', 400, "at most a week"),
     ("/v1/chat/completions", chat("hi").decode().encode("utf-16"), 400, "not valid JSON in UTF-8"),  # was accepted
+    ("/v1/chat/completions", chat("a\u0000b"), 400, "NUL character"),      # PostgreSQL's text cannot hold it
+    ("/v1/feedback", b'{"comparison_id": 1, "choice": "a", "voter": "x\\u0000"}', 400, "voter must be"),
     ("/v1/chat/completions", chat("hi")[:-1] + b', "max_tokens": ' + b"9" * 4000 + b"}", 400, "got an integer of 4000 digits"),
 ])
 def test_each_kind_of_bad_input_is_a_clear_4xx(client, path, body, status, words):
