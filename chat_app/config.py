@@ -66,7 +66,14 @@ class ServeConfig:
     operator_password_env: str = "OPERATOR_PASSWORD"
     """Environment variable holding the operator password; unset means the console is locked."""
     adapters_dir: str = "adapters"
-    """Where policy and reward adapters are saved, one folder per version."""
+    """Where policy and reward adapters are saved, one folder per version. Replicas share one (chat_app/replicas.py)."""
+    sync_every_seconds: float = 3.0
+    """On PostgreSQL, how often this replica reads the serving version and the canary trial from the database and
+    serves what they say (another replica, or an operator there, may have changed them); 0: never. SQLite is one
+    process: nothing to follow, no loop."""
+    schedule_lock_retry_seconds: float = 5.0
+    """On PostgreSQL, how often a replica without the retrain schedule tries to take it (an advisory lock that frees
+    when its holder's connection closes): a dead holder's schedule moves to another replica within this."""
 
 
 @dataclass

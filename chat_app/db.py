@@ -10,8 +10,8 @@ a SQLite file. Both wrappers offer the same few calls, so store.py writes its SQ
     migrate(sqlite_migrations, postgres_migrations), applied(...) -> list[str]
     reset_id_counter(table)            (after a copy that kept the ids)
 
-A `?` is always a placeholder (never put one inside a string literal). The SQL here is about the connection only (settings, the record of migrations, id counters); the schema and every
-query live in store.py. Neither wrapper is thread-safe alone: Store guards each with its lock.
+A `?` is always a placeholder (never put one inside a string literal). The SQL here is about the connection only (settings, the record of migrations, id counters,
+the replicas' AdvisoryLock); the schema and every query live in store.py. Neither wrapper is thread-safe alone: Store guards each with its lock.
 """
 from __future__ import annotations
 
@@ -128,6 +128,42 @@ class PostgresDB:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class AdvisoryLock:
+    """A PostgreSQL session-level advisory lock (`pg_try_advisory_lock`) on a connection of its own, held for as long
+    as that connection lives: when the process holding it dies, the server closes its session and the lock frees.
+    Keys are per database, so apps on two databases of one server never meet."""
+
+    def __init__(self, url: str, name: str):
+        import psycopg
+
+        self.psycopg, self.url = psycopg, url
+        self.key = zlib.crc32(f"lock:{name}".encode())
+        self.conn = None
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        """Whether this process holds the lock now: take it when free, check that a held one still is (its
+        connection alive). Never blocks; a server that cannot be reached means not held."""
+        try:
+            if self.conn is None or self.conn.broken:
+                self.held = False
+                self.conn = self.psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+            if self.held:
+                self.conn.execute("SELECT 1")
+            else:
+                self.held = self.conn.execute("SELECT pg_try_advisory_lock(%s)", [self.key]).fetchone()[0]
+        except self.psycopg.Error:   # the server restarted or went away: the session, and the lock, are gone
+            self.release()
+        return self.held
+
+    def release(self) -> None:
+        """Close the session: the lock (if held) frees at once."""
+        self.held = False
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 class PostgresMigrations:

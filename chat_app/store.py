@@ -304,6 +304,14 @@ class Store:
             params += [versions[0], versions[1], versions[1], versions[0]]
         return self._rows(sql + " ORDER BY voted_at, id", params)
 
+    def cross_version_vote_count(self, since: str | None, versions: tuple[str, str]) -> tuple[int, int | None]:
+        """(How many, the newest id) of the votes between `versions` voted after `since`, whichever replica took
+        them: a cheap look that tells the replica deciding a trial whether there is anything new to decide on."""
+        row = self._one("SELECT COUNT(*) AS n, MAX(id) AS last FROM comparisons WHERE choice IS NOT NULL "
+                        "AND voted_at > ? AND ((version_a = ? AND version_b = ?) OR (version_a = ? AND version_b = ?))",
+                        [since or "", versions[0], versions[1], versions[1], versions[0]])
+        return row["n"], row["last"]
+
     def demonstrations(self) -> list[dict]:
         rows = self._rows("SELECT id, prompt_json, answer FROM demonstrations ORDER BY id")
         return [{"id": r["id"], "prompt_messages": json.loads(r["prompt_json"]), "answer": r["answer"]} for r in rows]
