@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -10,9 +11,11 @@ import torch
 
 from chat_app.canary import Canary
 from chat_app.config import Config
+from chat_app.db import is_postgres
 from chat_app.engine import GenerationEngine
 from chat_app.metrics import Metrics
 from chat_app.model import load_model, load_tokenizer
+from chat_app.replicas import Replicas
 from chat_app.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,9 @@ class App:
     engine: GenerationEngine    # the only thread that touches the policy; hot-swap is a queue message
     scheduler: object | None = None  # chat_app.scheduler.RetrainScheduler, owns the retrain job
     canary: object | None = None     # chat_app.canary.Canary: the live A/B of a new version and its decisions
+    replicas: object | None = None   # chat_app.replicas.Replicas: holds the schedule? follows the database
+    serving_lock: threading.RLock = field(default_factory=threading.RLock)
+    """Held while the served version changes (swap, then its record), so the sync loop never sees half of it."""
     started_at: float = field(default_factory=time.time)
     metrics: Metrics = field(default_factory=Metrics)   # this app's own Prometheus registry, served at /metrics
 
@@ -38,7 +44,14 @@ class App:
     def serving_version(self) -> str:
         return self.engine.version
 
+    @property
+    def is_schedule_holder(self) -> bool:
+        """Whether this replica runs the retrain schedule and the canary's decisions (always, on SQLite)."""
+        return self.replicas is None or self.replicas.is_holder
+
     def close(self):
+        if self.replicas is not None:
+            self.replicas.stop()   # first: the lock frees, another replica takes the schedule
         if self.canary is not None:
             self.canary.stop()
         if self.scheduler is not None:
@@ -90,12 +103,15 @@ def build_app(config: Config, with_scheduler: bool = True) -> App:
             engine.swap(serving["adapter_path"], serving["id"])
         except RuntimeError as error:  # a missing adapter folder must not stop the app: serve the base
             log.error("could not restore %s (%s); serving base", serving["id"], error)
-            store.mark_serving("base", actor="startup", action="restore-failed")
+            if not is_postgres(config.serve.db_path):   # one replica's missing folder must not roll back them all
+                store.mark_serving("base", actor="startup", action="restore-failed")
     app = App(config=config, store=store, engine=engine)
+    app.replicas = Replicas(app)       # on PostgreSQL: tries for the schedule's lock now (on SQLite: holds it)
     app.canary = Canary(app).start()   # restores a trial in progress: its other version loads beside the served one
     if with_scheduler:
         from chat_app.scheduler import RetrainScheduler
 
         app.scheduler = RetrainScheduler(app)
         app.scheduler.start()
+    app.replicas.start()               # on PostgreSQL: follow the database, take the schedule when it frees
     return app

@@ -281,7 +281,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         say(f"with a LoRA adapter: one pair {lora_one['ms_per_step']:.1f} ms/step "
             f"({results['with_lora']['ratio_to_base']:.2f}x the base), 8 users {lora_eight['tokens_per_s']:.0f} tok/s")
 
-        # 2b. a canary trial: the base beside v1 in the same steps, rows grouped by version (one forward each)
+        # 2b. a canary trial: the base beside v1 in the same steps; rows grouped by version (one forward each) over
+        # merged copies, one batch with an adapter per row over unmerged LoRA (engine.mixes_adapters)
         engine.set_second(None, "base")
         trial = lambda i: ["v1", "base"]                                       # every pair a trial pair
         quarter = lambda i: ["v1", "base"] if i % 4 == 0 else None              # canary.share's default
@@ -290,6 +291,7 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         quarter_eight = engine_pairs(engine, QUESTIONS, new_tokens, together=True, versions=quarter)
         engine.set_second(None, None)
         results["mixed_versions"] = {
+            "one_forward_per_step": engine.mixes_adapters,
             "one_pair_ms_per_step": mixed_one["ms_per_step"],
             "one_pair_ratio_to_single_version": mixed_one["ms_per_step"] / lora_one["ms_per_step"],
             "eight_users_tokens_per_s": mixed_eight["tokens_per_s"],
@@ -297,7 +299,8 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
             "quarter_trial_tokens_per_s": quarter_eight["tokens_per_s"],
             "quarter_trial_ratio_to_single_version": quarter_eight["tokens_per_s"] / lora_eight["tokens_per_s"]}
         mixed = results["mixed_versions"]
-        say(f"two versions in one step (canary trial): one pair {mixed['one_pair_ms_per_step']:.1f} ms/step "
+        say(f"two versions in one step (canary trial, {'one batch' if engine.mixes_adapters else 'a batch each'}): "
+            f"one pair {mixed['one_pair_ms_per_step']:.1f} ms/step "
             f"({mixed['one_pair_ratio_to_single_version']:.2f}x one version); 8 users all in the trial "
             f"{mixed['eight_users_tokens_per_s']:.0f} tok/s ({mixed['eight_users_ratio_to_single_version']:.2f}x the "
             f"throughput of one version), a quarter in it {mixed['quarter_trial_tokens_per_s']:.0f} tok/s "

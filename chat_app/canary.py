@@ -162,14 +162,40 @@ class Canary:
             try:
                 self._load_other(other)
             except Exception as error:   # a missing adapter: end the trial rather than refuse to start
-                log.error("could not restore the %s trial (%s); ending it", other, error)
-                self._end(None, "the version could not be loaded after a restart")
+                if self.app.is_schedule_holder:   # another replica's trial is not this one's to end
+                    log.error("could not restore the %s trial (%s); ending it", other, error)
+                    self._end(None, "the version could not be loaded after a restart")
+                else:
+                    log.error("could not load %s for the trial (%s); this replica serves its pairs unmixed",
+                              other, error)
         self._worker.start()
         return self
 
     def stop(self):
         self._stopping = True
         self._wake.set()
+
+    def follow(self):
+        """Adopt the trial state another replica stored (its operator's action, the holder's decision): load the
+        trial's other version beside the served one, or drop it. Called by chat_app/replicas.py on PostgreSQL."""
+        with self.lock:   # read inside: a decision of this replica's own must not be undone by an older read
+            stored = self.app.store.get_setting(SETTINGS_KEY)
+            if not stored or stored == self.state:
+                return
+            trial = stored.get("trial")
+            other = None if not trial else trial["incumbent"] if trial["phase"] == "watch" else trial["candidate"]
+            if other != self.app.engine.second_version:
+                try:
+                    if other is None:
+                        self.app.engine.set_second(None, None)
+                    else:
+                        self._load_other(other)
+                except RuntimeError as error:   # as at a restart: this replica's pairs stay unmixed
+                    log.error("could not load %s for the trial (%s); this replica serves its pairs unmixed",
+                              other, error)
+            self.state = {**self.state, **stored}
+            log.info("canary state from the database: %s",
+                     trial and {k: trial[k] for k in ("candidate", "phase")})
 
     def _load_other(self, version: str):
         row = None if version == "base" else self.app.store.version(version)
@@ -206,6 +232,7 @@ class Canary:
         """An operator puts a kept version (not served, not rejected) in a trial against the served one."""
         from chat_app.scheduler import OperatorError
 
+        self.follow()   # act on the trial as the database has it (another replica may have moved it on)
         row = self.app.store.version(version) if isinstance(version, str) else None
         if row is None:
             raise OperatorError(f"no version {version!r}", 404)
@@ -274,7 +301,8 @@ class Canary:
             if not self.trial:
                 return None
             verdict = self.last_verdict = self.evaluate()
-            if verdict.action != "wait" and self.state["auto"]:
+            # one replica decides (the schedule's holder), on the votes every replica stored
+            if verdict.action != "wait" and self.state["auto"] and self.app.is_schedule_holder:
                 self._act(verdict.action, verdict, actor="votes")
             return verdict
 
@@ -283,6 +311,7 @@ class Canary:
         from chat_app.scheduler import OperatorError
 
         with self.lock:
+            self.follow()
             if not self.trial:
                 raise OperatorError("no canary trial is running", 409)
             allowed = {"canary": ("promote", "retire"), "watch": ("rollback", "confirm")}[self.trial["phase"]]
@@ -295,6 +324,7 @@ class Canary:
 
     def set_mode(self, auto: bool | None = None, share: float | None = None, actor: str = "operator") -> dict:
         with self.lock:
+            self.follow()
             if auto is not None:
                 self.state["auto"] = bool(auto)
             if share is not None:
@@ -341,7 +371,7 @@ class Canary:
     # -- the worker ----------------------------------------------------------------------------
     def _on_vote(self, comparison: dict):
         trial = self.trial
-        if trial and {comparison.get("version_a"), comparison.get("version_b")} == \
+        if trial and self.app.is_schedule_holder and {comparison.get("version_a"), comparison.get("version_b")} == \
                 {trial["candidate"], trial["incumbent"]}:
             self._wake.set()
 

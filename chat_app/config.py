@@ -221,7 +221,15 @@ class ScheduleConfig:
     retrain_every_minutes: float = 30.0
     min_new_votes: int = 20
     trainer_threads: int = 1
-    """Torch threads of the training subprocess; with serving's they must not exceed the cores."""
+    """Torch threads of the training subprocess (of each process, under `accelerate`); with serving's they must not
+    exceed the cores."""
+    trainer_launcher: str = "python"
+    """`python`: the training subprocess is one `run.py retrain` process. `accelerate`: `accelerate launch` starts
+    `trainer_processes` of them (one per GPU, or CPU processes over gloo) and PPO runs data parallel: each samples
+    and trains on its share of the rows; rank 0 alone trains the reward model, runs the gate and writes
+    (trainer/distributed.py)."""
+    trainer_processes: int = 2
+    """Processes `accelerate launch` starts when `trainer_launcher` is `accelerate`."""
     seed_prompts: str = "trainer/seed_prompts.jsonl"
     """Prompts used beside users' own when there are few (cold start)."""
 
@@ -354,6 +362,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not 0 <= canary.share <= 1 or not 1 <= canary.min_votes <= canary.max_votes or not canary.z > 0:
         raise ConfigError(f"canary: share must be in [0, 1], 1 <= min_votes <= max_votes and z > 0; got share "
                           f"{canary.share}, min_votes {canary.min_votes}, max_votes {canary.max_votes}, z {canary.z}")
+    if config.schedule.trainer_processes < 1:
+        raise ConfigError(f"schedule.trainer_processes: expected 1 or more; got {config.schedule.trainer_processes}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -363,4 +373,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 CHOICES = {"reward.kind": ("heads", "lora"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-           "model.quantization": ("none", "4bit", "8bit"), "serve.weights": ("auto", "model", "packed", "bf16")}
+           "model.quantization": ("none", "4bit", "8bit"), "serve.weights": ("auto", "model", "packed", "bf16"),
+           "schedule.trainer_launcher": ("python", "accelerate")}

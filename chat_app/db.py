@@ -10,8 +10,9 @@ a SQLite file. Both wrappers offer the same few calls, so store.py writes its SQ
     migrate(sqlite_migrations, postgres_migrations), applied(...) -> list[str]
     reset_id_counter(table)            (after a copy that kept the ids)
 
-A `?` is always a placeholder (never put one inside a string literal). The SQL here is about the connection only (settings, the record of migrations, id counters,
-the replicas' AdvisoryLock); the schema and every query live in store.py. Neither wrapper is thread-safe alone: Store guards each with its lock.
+A `?` is always a placeholder (never put one inside a string literal). The SQL here is about the connection only
+(settings, the record of migrations, id counters, the replicas' AdvisoryLock); the schema and every query live in
+store.py. Neither wrapper is thread-safe alone: Store guards each with its lock.
 """
 from __future__ import annotations
 
@@ -159,11 +160,16 @@ class AdvisoryLock:
         return self.held
 
     def release(self) -> None:
-        """Close the session: the lock (if held) frees at once."""
-        self.held = False
+        """Unlock (a closed session frees it too, but only once the server has ended it) and close the session."""
         if self.conn is not None:
+            if self.held and not self.conn.broken:
+                try:
+                    self.conn.execute("SELECT pg_advisory_unlock(%s)", [self.key])
+                except self.psycopg.Error:
+                    pass   # the session is gone, and the lock with it
             self.conn.close()
             self.conn = None
+        self.held = False
 
 
 class PostgresMigrations:

@@ -63,6 +63,14 @@ class Row:
     ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     ended_with_eos: bool = False
+    adapter: str | None = None
+    """In a batch mixing versions over one PEFT model: this row's LoRA adapter ("__base__": none); else None."""
+
+
+def adapter_kwargs(adapters: list[str | None]) -> dict:
+    """PEFT's mixed-adapter batches: `adapter_names=` one per row where the rows name their adapters, else nothing
+    (a plain or merged model takes no such argument)."""
+    return {"adapter_names": list(adapters)} if adapters and adapters[0] is not None else {}
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -100,14 +108,15 @@ class DecodeBatch:
         """Prefill the new rows' prompts and merge their cache into the batch's (left-padded to one width).
 
         A prompt shared by several rows (the two answers of a pair) is prefilled once and its cache copied:
-        prefill is compute-bound on CPU, so this halves the time to the first token.
+        prefill is compute-bound on CPU, so this halves the time to the first token. Rows that read different
+        adapters (two versions in one batch) do not share a prompt's cache: it depends on the adapter.
         """
-        distinct: dict[tuple, int] = {}
-        source = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        ids, mask = left_pad([list(p) for p in distinct], self.pad_id, self.device)
+        distinct: dict[tuple, int] = {}                       # (prompt, adapter) -> its row in the prefill
+        source = [distinct.setdefault((tuple(p), r.adapter), len(distinct)) for p, r in zip(prompts, rows)]
+        ids, mask = left_pad([list(p) for p, _ in distinct], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **adapter_kwargs([adapter for _, adapter in distinct]))
         self.prefills += 1
         logits, position = out.logits[:, -1].float(), positions[:, -1:]
         if len(distinct) < len(prompts):                      # one cache row per answer row
@@ -155,7 +164,8 @@ class DecodeBatch:
             self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
             self.position = self.position + 1
             out = self.model(input_ids=tokens[index][:, None], attention_mask=self.mask, position_ids=self.position,
-                             past_key_values=self.cache, use_cache=True)
+                             past_key_values=self.cache, use_cache=True,
+                             **adapter_kwargs([r.adapter for r in self.rows]))
             self.cache, self.logits = out.past_key_values, out.logits[:, -1].float()
         return emitted, ended
 

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from collections import deque
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -91,6 +91,10 @@ class Swap:
     """Receives how long serving paused, in ms."""
     second: bool = False
     """Install as the second version (served beside the first to rows that name it) instead of swapping."""
+    adapter_path: str | None = None
+    """The version's adapter (None: the base)."""
+    mixed: Mixed | None = None
+    """Over unmerged LoRA, while two versions are served: the model their one batch runs on."""
 
 
 def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype | None = torch.bfloat16):
@@ -119,6 +123,31 @@ def unmerged_copy(base_model, adapter_path: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_path, is_trainable=False).eval()
+
+
+class Mixed(NamedTuple):
+    model: object
+    """One PEFT model holding both versions' LoRA adapters over one copy of the base."""
+    adapters: dict[str, str]
+    """The adapter name the "first" (served) and "second" version's rows pass ("__base__": no adapter)."""
+    paths: tuple[str | None, str | None]
+    """The (served, second) adapter paths it was built from."""
+
+
+def mixed_model(base_model, served_path: str | None, second_path: str | None) -> Mixed:
+    """Two versions in one model: PEFT's mixed-adapter batches, where a forward given `adapter_names` (one per row)
+    adds each row's own LoRA over the shared layers, so a step with rows of both versions reads the (4-bit) base
+    once, not once per version. Built off the engine thread, like any serving copy."""
+    from peft import PeftModel
+
+    model, names = copy.deepcopy(base_model), {}
+    for name, path in (("first", served_path), ("second", second_path)):
+        names[name] = "__base__" if path is None else name
+        if path is not None and isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+        elif path is not None:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
+    return Mixed(model.eval(), names, (served_path, second_path))
 
 
 def serving_model(base_model, weights: str, adapter_path: str | None = None, merge: bool = True):
@@ -168,10 +197,19 @@ class GenerationEngine:
         self._submit_lock = threading.Lock()   # check-then-put: two callers must not both take the last place
         self.inbox: queue.Queue = queue.Queue()
         self.batch = DecodeBatch(self.model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.adapter_path: str | None = None
+        """The served version's adapter (None: the base)."""
         self.second_version: str | None = None
-        """A version served beside `version` to rows that name it (a canary trial), with its own model and batch:
-        each decode step runs one batch per version (rows grouped by version over merged copies)."""
+        """A version served beside `version` to rows that name it (a canary trial). Over merged copies it has its own
+        model and batch, so a step runs one forward per version; over unmerged LoRA (`mixes_adapters`) its rows join
+        `batch`, whose model then holds both adapters, and a step runs one forward."""
+        self.second_path: str | None = None
         self.second_batch: DecodeBatch | None = None
+        self.mixes_adapters = not self.merge_adapters
+        """Every version is the base plus an unmerged LoRA adapter, so two versions can share one batch (PEFT's
+        mixed-adapter batches): over a 4-bit base a step then dequantizes its weights once, not once per version."""
+        self.row_adapters: dict[str, str] | None = None
+        """While `batch` mixes versions: the adapter name its "first" and "second" version's rows pass."""
         self.draining: list[DecodeBatch] = []
         """Batches of the previous versions, finishing their rows beside the new version's batch."""
         self.batches_run = 0
@@ -226,24 +264,34 @@ class GenerationEngine:
         """Serve `adapter_path` as `version` (None: the base) after the current batch; returns the pause in ms."""
         try:                          # build the version's copy here, so serving pauses only for the switch
             prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
+            mixed = self._prepare_mixed(adapter_path, version, self.second_path, self.second_version)
         except Exception as error:    # a bad adapter must not stop the engine
             raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
-        swap = Swap(version, prepared)
+        swap = Swap(version, prepared, adapter_path=adapter_path, mixed=mixed)
         self.inbox.put(swap)
         return swap.done.get(timeout=timeout)
 
     def set_second(self, adapter_path: str | None, version: str | None, timeout: float = 600) -> None:
         """Serve `version` (from `adapter_path`; None: the base) beside the served one, to rows that name it; with
         `version` None, stop. Built here, off the engine thread; rows in flight on the old second one finish."""
-        prepared = None
-        if version is not None:
-            try:
+        prepared = mixed = None
+        try:
+            if self.mixes_adapters:
+                mixed = self._prepare_mixed(self.adapter_path, self.version, adapter_path, version)
+            elif version is not None:
                 prepared = serving_model(self.base_model, self.weights, adapter_path, merge=self.merge_adapters)
-            except Exception as error:
-                raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
-        swap = Swap(version, prepared, second=True)
+        except Exception as error:
+            raise RuntimeError(f"could not load {version} from {adapter_path}: {error}") from None
+        swap = Swap(version, prepared, second=True, adapter_path=adapter_path, mixed=mixed)
         self.inbox.put(swap)
         swap.done.get(timeout=timeout)
+
+    def _mixes(self, served: str | None, second: str | None) -> bool:
+        return self.mixes_adapters and second not in (None, served)
+
+    def _prepare_mixed(self, served_path, served, second_path, second) -> Mixed | None:
+        """The model for a batch mixing `served` and `second` (see `mixed_model`); None where no batch mixes."""
+        return mixed_model(self.base_model, served_path, second_path) if self._mixes(served, second) else None
 
     # the engine thread
     def _loop(self):
@@ -307,11 +355,17 @@ class GenerationEngine:
                           generator=torch.Generator().manual_seed(int(request.seeds[index])),
                           ignore_eos=request.ignore_eos)
                 row.stream = {"prefix": 0, "read": 0, "text": ""}
+                row.adapter = self.row_adapters[group] if self.row_adapters else None
                 request.state["rows"][index] = row
                 groups[group][0].append(ids)
                 groups[group][1].append(row)
         try:
-            for batch, (prompts, rows) in ((self.batch, groups["first"]), (self.second_batch, groups["second"])):
+            if self.row_adapters:    # one batch mixing both versions: each row names its adapter
+                (first_prompts, first_rows), (second_prompts, second_rows) = groups["first"], groups["second"]
+                plan = [(self.batch, first_prompts + second_prompts, first_rows + second_rows)]
+            else:
+                plan = [(self.batch, *groups["first"]), (self.second_batch, *groups["second"])]
+            for batch, prompts, rows in plan:
                 if rows:
                     batch.add(prompts, rows)
             self.batches_run += 1
@@ -388,21 +442,38 @@ class GenerationEngine:
         if swap.second:
             if self.second_batch is not None and len(self.second_batch):
                 self.draining.append(self.second_batch)
-            self.second_version = swap.version
-            self.second_batch = None if swap.version is None else \
-                DecodeBatch(swap.prepared, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            self.second_version, self.second_path = swap.version, swap.adapter_path
+            if self.mixes_adapters:
+                self._restart_batch(swap.mixed)
+            else:
+                self.second_batch = None if swap.version is None else \
+                    DecodeBatch(swap.prepared, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
             if swap.version is None:
                 log.info("serving %s alone", self.version)
             else:
                 log.info("serving %s beside %s to the rows that ask for it", swap.version, self.version)
             swap.done.put(0.0)
             return
-        self.model, self.version = swap.prepared, swap.version
-        if len(self.batch):
-            self.draining.append(self.batch)
-        self.batch = DecodeBatch(self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.model, self.version, self.adapter_path = swap.prepared, swap.version, swap.adapter_path
+        self._restart_batch(swap.mixed)
         pause_ms = (time.perf_counter() - started) * 1000
         log.info("now serving %s (swap paused serving %.0f ms)", swap.version, pause_ms)
         if self.metrics is not None:
             self.metrics.hot_swap(pause_ms / 1000)
         swap.done.put(pause_ms)
+
+    def _restart_batch(self, mixed: Mixed | None):
+        """New rows join a new batch on the served model, or on `mixed` while a second version mixes into it; the old
+        batch's rows finish beside it (`draining`)."""
+        if not self._mixes(self.version, self.second_version):
+            mixed = None
+        elif mixed is None or mixed.paths != (self.adapter_path, self.second_path):   # a swap and a set_second raced
+            log.warning("building the two-version model on the engine thread: it was built for other versions")
+            mixed = mixed_model(self.base_model, self.adapter_path, self.second_path)
+        model = self.model if mixed is None else mixed.model
+        self.row_adapters = None if mixed is None else mixed.adapters
+        if model is self.batch.model:
+            return
+        if len(self.batch):
+            self.draining.append(self.batch)
+        self.batch = DecodeBatch(model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)

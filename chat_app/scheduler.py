@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -49,30 +50,51 @@ def should_retrain(*, enabled: bool, is_running: bool, new_votes: int, min_new_v
 
 def serve_version(app, version: str, actor: str | None, action: str = "serve", details: dict | None = None) -> float:
     """Serve a kept version (or `base`, or `latest`) now; returns the pause in ms. Rejected ones stay rejected.
-    `details`: the figures behind the decision, kept with its serving_events row."""
-    if version == "latest":
-        versions = app.store.versions()
-        kept = [v for v in versions if v["status"] in ("serving", "retired")]
-        if not kept:
-            raise OperatorError("no version has passed the gate yet" if versions else
-                                "no version has been trained yet", 404)
-        version = kept[-1]["id"]
-    if version == "base":
-        pause_ms = app.engine.swap(None, "base")
-    else:
-        row = app.store.version(version)
-        if row is None:
-            raise OperatorError(f"no version {version!r}", 404)
-        if row["status"] == "rejected":
-            raise OperatorError(f"{version} was rejected by the gate ({row['reason']}); it is never served", 409)
-        if not Path(row["adapter_path"]).exists():
-            raise OperatorError(f"{version}'s adapter folder {row['adapter_path']} is missing", 410)
-        try:
-            pause_ms = app.engine.swap(row["adapter_path"], version)
-        except RuntimeError as error:
-            raise OperatorError(str(error), 500) from None
-    app.store.mark_serving(version, actor, action, details)
-    return pause_ms
+    `details`: the figures behind the decision, kept with its serving_events row. Other replicas follow the record
+    (chat_app/replicas.py)."""
+    with app.serving_lock:   # the swap and its record together: this replica's sync loop never sees one alone
+        if version == "latest":
+            versions = app.store.versions()
+            kept = [v for v in versions if v["status"] in ("serving", "retired")]
+            if not kept:
+                raise OperatorError("no version has passed the gate yet" if versions else
+                                    "no version has been trained yet", 404)
+            version = kept[-1]["id"]
+        if version == "base":
+            pause_ms = app.engine.swap(None, "base")
+        else:
+            row = app.store.version(version)
+            if row is None:
+                raise OperatorError(f"no version {version!r}", 404)
+            if row["status"] == "rejected":
+                raise OperatorError(f"{version} was rejected by the gate ({row['reason']}); it is never served", 409)
+            if not Path(row["adapter_path"]).exists():
+                raise OperatorError(f"{version}'s adapter folder {row['adapter_path']} is missing", 410)
+            try:
+                pause_ms = app.engine.swap(row["adapter_path"], version)
+            except RuntimeError as error:
+                raise OperatorError(str(error), 500) from None
+        app.store.mark_serving(version, actor, action, details)
+        return pause_ms
+
+
+def trainer_command(config, config_file: Path, run_id: int) -> list[str]:
+    """The training subprocess: `run.py retrain`, under `accelerate launch` when schedule.trainer_launcher says so."""
+    retrain = [str(ROOT / "run.py"), "retrain", "--config", str(config_file), "--db", config.serve.db_path,
+               "--run-id", str(run_id)]
+    schedule = config.schedule
+    if schedule.trainer_launcher != "accelerate":
+        return [sys.executable, *retrain]
+    # --multi_gpu is accelerate's multi-process launcher (torchrun) and starts CPU processes too, which then join
+    # over gloo (trainer/distributed.py); --cpu would start one process whatever --num_processes says
+    processes = ["--multi_gpu", "--num_processes", str(schedule.trainer_processes)] \
+        if schedule.trainer_processes > 1 else ["--num_processes", "1"]
+    with socket.socket() as probe:   # a free port for the processes to meet: another launch may hold the default
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", *processes, "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--num_cpu_threads_per_process", str(schedule.trainer_threads), "--main_process_port", str(port), *retrain]
 
 
 class RetrainScheduler:
@@ -100,6 +122,7 @@ class RetrainScheduler:
         next_at = job.next_run_time.isoformat() if job and job.next_run_time else None
         return {**self.settings, "next_check_at": next_at, "is_running": self.is_running(),
                 "current_run_id": self.current_run_id, "last_decision": self.last_decision.reason,
+                "schedule_holder": self.app.is_schedule_holder,
                 "last_check_at": self.last_check_at.isoformat() if self.last_check_at else None,
                 "new_votes": self.new_votes()}
 
@@ -116,6 +139,7 @@ class RetrainScheduler:
         if not 0 < minutes <= 7 * 24 * 60 or not 0 <= votes <= 10**9:
             raise OperatorError("retrain_every_minutes must be > 0 and at most a week (10080); "
                                 "min_new_votes from 0 to 10^9")
+        self.reload_settings()   # another replica's change first: this one's must not undo it
         self.settings.update(changes)
         self.app.store.set_setting(self.SETTINGS_KEY, self.settings)
         if self.scheduler.running:
@@ -129,7 +153,23 @@ class RetrainScheduler:
         self._install_job()
         if self.app.store.get_setting(self.SETTINGS_KEY) is None:
             self.app.store.set_setting(self.SETTINGS_KEY, self.settings)
+        if self.app.is_schedule_holder:   # a replica that does not lead must not fail the leader's run
+            self._recover_orphan_runs()
+
+    def became_holder(self):
+        """This replica took the schedule from one that died: its settings as stored now, its runs left behind."""
+        self.reload_settings()
         self._recover_orphan_runs()
+
+    def reload_settings(self):
+        """Apply schedule settings another replica stored (an operator's change through it)."""
+        stored = self.app.store.get_setting(self.SETTINGS_KEY)
+        with self.lock:
+            if stored and {**self.settings, **stored} != self.settings:
+                self.settings.update(stored)
+                if self.scheduler.running:
+                    self._install_job()
+                log.info("schedule settings from the database: %s", stored)
 
     def shutdown(self):
         if self.scheduler.running:
@@ -160,9 +200,14 @@ class RetrainScheduler:
     def check(self, forced: bool = False, actor: str = "scheduler") -> Decision:
         """One scheduled check: start a run when the decision says so."""
         with self.lock:
-            decision = should_retrain(enabled=self.settings["enabled"], is_running=self.is_running(),
-                                      new_votes=self.new_votes(), min_new_votes=int(self.settings["min_new_votes"]),
-                                      forced=forced)
+            if not self.app.is_schedule_holder:   # exactly one replica trains (chat_app/replicas.py)
+                holder = self.app.replicas.held_by() or {}
+                decision = Decision(False, f"another replica holds the retrain schedule "
+                                           f"({holder.get('replica', 'unknown')}); this one only serves")
+            else:
+                decision = should_retrain(enabled=self.settings["enabled"], is_running=self.is_running(),
+                                          new_votes=self.new_votes(),
+                                          min_new_votes=int(self.settings["min_new_votes"]), forced=forced)
             self.last_decision, self.last_check_at = decision, self.clock()
             log.info("retrain check: %s", decision.reason)
             if decision.start:
@@ -187,8 +232,7 @@ class RetrainScheduler:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                "GRADIO_ANALYTICS_ENABLED": "False"}
         log_path = runs_dir / f"run-{run_id}.log"
-        cmd = [sys.executable, str(ROOT / "run.py"), "retrain", "--config", str(config_file),
-               "--db", config.serve.db_path, "--run-id", str(run_id)]
+        cmd = trainer_command(config, config_file, run_id)
         log_file = open(log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         self.current_run_id = run_id

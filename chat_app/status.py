@@ -45,7 +45,8 @@ def public_status(app) -> dict:
     counts = app.store.vote_counts()
     running = [r for r in app.store.runs(limit=5) if r["status"] == "running"]
     status = {"serving_version": app.serving_version(), "votes": counts, "serving": serving_summary(app),
-              "training": None, "last_run": None}
+              "training": None, "last_run": None,
+              "schedule_holder": app.is_schedule_holder}   # this replica runs the schedule (chat_app/replicas.py)
     if running:
         run = running[0]
         status["training"] = {"run_id": run["id"], "started_at": run["started_at"], "progress": run["progress"]}

@@ -12,6 +12,7 @@ import torch
 
 from chat_app.config import Config
 from chat_app.store import Store
+from trainer import distributed
 from trainer.data import load_prompts, prompt_pool
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,11 @@ class Progress:
 
 def retrain(config: Config, run_id: int | None = None, promote: bool | None = None) -> dict:
     """Run one cycle and return its summary. Standalone runs (no run_id) promote in the DB themselves;
-    runs started by the server leave the hot-swap to it."""
+    runs started by the server leave the hot-swap to it. Under `accelerate launch` (schedule.trainer_launcher) the
+    other processes only share PPO's work (`_ppo_worker`); rank 0 does everything else, the database included."""
+    distributed.init_from_env()
+    if not distributed.is_main():
+        return _ppo_worker(config)
     store = Store(config.serve.db_path)
     standalone = run_id is None
     if run_id is None:
@@ -95,6 +100,8 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     timings["time/reward_s"] = time.perf_counter() - t0
     metrics.update(rm_metrics)
     if reward_model is None:
+        distributed.broadcast_object(None)                  # the other processes: no PPO this time
+        distributed.finish()
         reason = rm_metrics.get("rm/skipped", "skipped")
         store.finish_run(run_id, "skipped", error=reason, metrics=metrics)
         return {"run_id": run_id, "status": "skipped", "reason": reason, **metrics}
@@ -122,10 +129,14 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     ptx = None
     if config.ppo.ptx_coef > 0 and demos:
         ptx = lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)  # noqa: E731
+    distributed.broadcast_object({"prompts": train_prompts, "parent_path": parent_path, "seed": run_id,
+                                  "demos": demos if ptx else []})   # what the other processes' PPO needs
     t0 = time.perf_counter()
-    ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_model.score, config.ppo,
+    reward_fn = distributed.scored_on_main(reward_model.score)   # one process: reward_model.score itself
+    ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_fn, config.ppo,
                             progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id,
                             max_context_tokens=config.model.max_context_tokens)
+    distributed.finish()                                    # the others exit; the gate and the database are rank 0's
     timings["time/ppo_s"] = time.perf_counter() - t0
     metrics.update(ppo_metrics)
 
@@ -177,3 +188,27 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
             "promoted": (passed and promote) or ("by the server, after this run" if passed else False),
             "candidate": candidate,
             "serving": incumbent, **metrics}
+
+
+def _ppo_worker(config: Config) -> dict:
+    """A process other than rank 0: the policy as rank 0 built it, then PPO on its share of each iteration's rows,
+    scored by rank 0's reward model; no database, no files written."""
+    from chat_app.model import load_model, load_tokenizer
+    from trainer.ppo import load_value_head, make_policy, train_ppo, ValueHead
+    from trainer.sft import sft_loss
+
+    plan, rank = distributed.broadcast_object(), distributed.rank()   # waits while rank 0 trains the reward model
+    if plan is None:
+        distributed.finish()
+        return {"rank": rank, "status": "no PPO"}
+    tokenizer = load_tokenizer(config.model)
+    base = load_model(config.model, tokenizer)
+    policy = make_policy(base, config.lora, init_adapter=plan["parent_path"])   # train_ppo copies rank 0's weights
+    hidden = base.config.hidden_size
+    value_head = (load_value_head(plan["parent_path"], hidden) if plan["parent_path"] else None) or ValueHead(hidden)
+    max_prompt = config.model.max_context_tokens - config.ppo.response_length
+    ptx = (plan["demos"], lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)) if plan["demos"] else None
+    train_ppo(policy, value_head, tokenizer, plan["prompts"], distributed.scored_on_main(None), config.ppo,
+              ptx_batches=ptx, seed=plan["seed"], max_context_tokens=config.model.max_context_tokens)
+    distributed.finish()
+    return {"rank": rank, "status": "PPO share done"}

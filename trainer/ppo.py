@@ -21,6 +21,7 @@ from chat_app.chat import encode_prompt
 from chat_app.config import LoraConfig, PPOConfig
 from chat_app.decoding import decode, left_pad
 from chat_app.packed import policy_copy
+from trainer import distributed
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -248,10 +249,12 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
     device, batch = next(policy.parameters()).device, len(prompts)
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     sampler = (policy_copy(policy) if cfg.fast_rollouts else None) or policy   # CPU: the packed serving path
-    answers, ended = decode(sampler, prompts, max_new_tokens=[cfg.response_length] * batch,
-                            temperature=[cfg.temperature] * batch, top_p=[1.0] * batch,
-                            seeds=[seed + row for row in range(batch)], eos_id=eos_id, pad_id=pad_id,
+    mine = distributed.row_share(list(range(batch)))            # data parallel: this process samples rows rank::world
+    answers, ended = decode(sampler, [prompts[row] for row in mine], max_new_tokens=[cfg.response_length] * len(mine),
+                            temperature=[cfg.temperature] * len(mine), top_p=[1.0] * len(mine),
+                            seeds=[seed + row for row in mine], eos_id=eos_id, pad_id=pad_id,
                             top_k=cfg.top_k)              # 0: the whole vocabulary, as the logprobs below assume
+    answers, ended = distributed.gather_rows(answers, batch), distributed.gather_rows(ended, batch)  # all, everywhere
     responses = [a + [eos_id] if e else a for a, e in zip(answers, ended)]  # EOS is an action: it gets trained too
     return {**pack_query_response(prompts, responses, pad_id, device),
             "ended_with_eos": torch.tensor(ended, device=device),
@@ -288,7 +291,11 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
 # -- the update ----------------------------------------------------------------------------------
 def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, exp: dict, cfg: PPOConfig,
              generator: torch.Generator | None = None, ptx_loss: Callable[[], Tensor] | None = None) -> dict:
-    """Epochs of shuffled minibatches over one experience batch; returns the mean losses and diagnostics."""
+    """Epochs of shuffled minibatches over one experience batch; returns the mean losses and diagnostics.
+
+    Data parallel (trainer/distributed.py): every process holds the whole batch and draws the same minibatches,
+    computes its rows' share of each, and all step with the summed gradient, so the update is one process's. The
+    PPO-ptx term is the same on every process and the token shares sum to 1: the sum counts it once."""
     params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
     batch_size, ctx = len(exp["query_response"]), exp["context_length"]
     stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "value_loss", "clipfrac",
@@ -298,10 +305,11 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
         epoch_kl = []
         order = torch.randperm(batch_size, generator=generator).to(exp["query_response"].device)
         for start in range(0, batch_size, cfg.minibatch_size):
-            mb = order[start:start + cfg.minibatch_size]
+            mb = distributed.row_share(order[start:start + cfg.minibatch_size])   # this process's rows of the minibatch
             new_logprobs, new_values = forward_logprobs_values(
                 policy, value_head, exp["query_response"][mb], exp["attention_mask"][mb], ctx, cfg.temperature)
             mb_mask = exp["mask"][mb]
+            share = mb_mask.sum() / distributed.all_sum(mb_mask.sum())  # of the minibatch's tokens; 1 in one process
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp["logprobs"][mb], exp["advantages"][mb],
                                                        mb_mask, cfg.clip_range)
             vf_loss, vf_clipfrac = value_loss(new_values, exp["values"][mb], exp["returns"][mb], mb_mask,
@@ -312,13 +320,14 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
                 loss = loss + cfg.ptx_coef * mb_ptx_loss
                 stats["ptx_loss"].append(mb_ptx_loss.item())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (share * loss).backward()                           # masked means as global token sum / global count
+            distributed.sum_gradients(params)                   # the whole minibatch's gradient, on every process
             nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global grad-norm clipping [37 details]
             optimizer.step()
             for key, value in (("loss", loss), ("policy_loss", pg_loss), ("value_loss", vf_loss),
                                ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
-                stats[key].append(value.item())
-            epoch_kl.append(approx_kl.item())
+                stats[key].append(distributed.all_sum(share * value.detach()).item())   # the whole minibatch's
+            epoch_kl.append(stats["approx_kl"][-1])
         epochs_run += 1
         if cfg.target_kl > 0 and sum(epoch_kl) / len(epoch_kl) > cfg.target_kl:
             break                                               # early stop: the policy moved enough [37 details]
@@ -347,6 +356,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
     max_prompt_tokens = max(max_context_tokens - cfg.response_length, 16)
     prompt_ids = [encode_prompt(tokenizer, m, max_prompt_tokens)[0] for m in prompts_messages]
     params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
+    distributed.broadcast_from_main(params)                     # data parallel: every process starts from rank 0's
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)   # LoRA and value head only
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     score_stats = RunningMoments()
@@ -362,7 +372,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
     for iteration in range(cfg.iterations):
         if cfg.max_minutes > 0 and iteration > 0:                # the cycle's budget: an iteration costs about the last
             spent = time.perf_counter() - loop_started
-            if spent + spent / iteration > cfg.max_minutes * 60:
+            if distributed.broadcast_object(spent + spent / iteration > cfg.max_minutes * 60):  # rank 0's clock rules
                 print(f"ppo: stopping after {iteration} iterations, {spent:.0f} s of a {cfg.max_minutes:g} min budget",
                       flush=True)
                 break
@@ -400,11 +410,13 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             "objective/kl_coef": kl_ctl.value, "ppo/iterations": iteration + 1})
         if iteration == 0:
             metrics["objective/score_initial"] = metrics["objective/score"]
-        print(f"ppo {iteration + 1}/{cfg.iterations}  score {metrics['objective/score']:+.3f}  "
-              f"kl {metrics['objective/kl']:.3f}  len {metrics['objective/length']:.1f}  "
-              f"eos {metrics['objective/eos_rate']:.2f}  loss {metrics['ppo/loss']:+.3f}  "
-              f"approx_kl {metrics['ppo/approx_kl']:.4f}  clipfrac {metrics['ppo/clipfrac']:.3f}  "
-              f"epochs {metrics['ppo/epochs']}  beta {kl_ctl.value:.3f}  ({rollout_s:.1f}s + {update_s:.1f}s)", flush=True)
+        if distributed.is_main():                               # one log line per iteration, not one per process
+            print(f"ppo {iteration + 1}/{cfg.iterations}  score {metrics['objective/score']:+.3f}  "
+                  f"kl {metrics['objective/kl']:.3f}  len {metrics['objective/length']:.1f}  "
+                  f"eos {metrics['objective/eos_rate']:.2f}  loss {metrics['ppo/loss']:+.3f}  "
+                  f"approx_kl {metrics['ppo/approx_kl']:.4f}  clipfrac {metrics['ppo/clipfrac']:.3f}  "
+                  f"epochs {metrics['ppo/epochs']}  beta {kl_ctl.value:.3f}  ({rollout_s:.1f}s + {update_s:.1f}s)",
+                  flush=True)
         if progress is not None:
             progress({"stage": "ppo", "step": iteration + 1, "steps": cfg.iterations,
                       **{k: metrics[k] for k in ("objective/score", "objective/kl", "objective/length", "ppo/loss",
