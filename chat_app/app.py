@@ -6,13 +6,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from chat_app.canary import Canary
 from chat_app.config import Config
 from chat_app.db import is_postgres
-from chat_app.engine import GenerationEngine
+from chat_app.engine import GenerationEngine, Request
 from chat_app.metrics import Metrics
 from chat_app.model import load_model, load_tokenizer
 from chat_app.replicas import Replicas
@@ -21,11 +22,39 @@ from chat_app.store import Store
 log = logging.getLogger(__name__)
 
 
+class Engine(Protocol):
+    """What the UI, the API, the scheduler, the canary, the replicas and the metrics use of an engine. Two serve:
+    GenerationEngine (this process owns the model, chat_app/engine.py) and VLLMEngine (a vLLM server samples and
+    loads each version's LoRA adapter at run time, chat_app/vllm_engine.py); `serve.engine` picks one."""
+
+    version: str
+    """The served version; a pair's answers come from it unless they name `second_version`."""
+    second_version: str | None
+    """A canary trial's other version, served to the answers that name it."""
+    threads: int | None
+    """Serving threads from the next batch on (the scheduler lowers them while a training run shares the cores)."""
+    metrics: object | None
+    """chat_app.metrics.Metrics, set by Metrics.watch."""
+    weights: str
+    """What serves the weights, for /api/status: packed, model, bf16, or vllm."""
+
+    def start(self) -> "Engine": ...
+    def stop(self) -> None: ...
+    def submit(self, messages: list[dict], n: int = 2, max_new_tokens: int = 128, temperature: float = 0.7,
+               top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False,
+               versions: list[str | None] | None = None) -> Request: ...
+    def cancel(self, request: Request) -> None: ...
+    def swap(self, adapter_path: str | None, version: str, timeout: float = 600) -> float: ...
+    def set_second(self, adapter_path: str | None, version: str | None, timeout: float = 600) -> None: ...
+    def queue_depth(self) -> int: ...
+    def rows_in_flight(self) -> int: ...
+
+
 @dataclass
 class App:
     config: Config
     store: Store
-    engine: GenerationEngine    # the only thread that touches the policy; hot-swap is a queue message
+    engine: Engine              # GenerationEngine (owns the policy; hot-swap is a queue message) or VLLMEngine
     scheduler: object | None = None  # chat_app.scheduler.RetrainScheduler, owns the retrain job
     canary: object | None = None     # chat_app.canary.Canary: the live A/B of a new version and its decisions
     replicas: object | None = None   # chat_app.replicas.Replicas: holds the schedule? follows the database
@@ -86,17 +115,30 @@ def engine_merges(config: Config) -> bool:
     return config.serve.merge_adapters and config.model.quantization == "none"
 
 
+def build_engine(config: Config, tokenizer) -> Engine:
+    """The engine `serve.engine` names, started on the base: this process's own, or a vLLM server's (which must
+    answer now: VLLMUnavailable, one line, if not)."""
+    if config.serve.engine == "vllm":
+        from chat_app.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config.serve.vllm_url, tokenizer, model=config.serve.vllm_model,
+                          max_context_tokens=config.model.max_context_tokens,
+                          max_concurrent_answers=2 * config.serve.max_batch_requests,   # vLLM batches them
+                          max_queued_requests=config.limits.max_queued_requests).start()
+    model = load_model(config.model, tokenizer)
+    return GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
+                            max_batch_requests=config.serve.max_batch_requests,
+                            weights=engine_weights(config),
+                            merge_adapters=engine_merges(config),
+                            max_queued_requests=config.limits.max_queued_requests).start()
+
+
 def build_app(config: Config, with_scheduler: bool = True) -> App:
-    """Open the store, load the model, start the engine on the version the store says is serving."""
+    """Open the store, start the engine (loading the model, or reaching the vLLM server), serve the version the
+    store says is serving."""
     torch.set_num_threads(serving_threads(config, training=False))
     store = Store(config.serve.db_path)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, tokenizer)
-    engine = GenerationEngine(model, tokenizer, max_context_tokens=config.model.max_context_tokens,
-                              max_batch_requests=config.serve.max_batch_requests,
-                              weights=engine_weights(config),
-                              merge_adapters=engine_merges(config),
-                              max_queued_requests=config.limits.max_queued_requests).start()
+    engine = build_engine(config, load_tokenizer(config.model))
     serving = store.serving_version()
     if serving is not None:
         try:

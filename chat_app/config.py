@@ -55,6 +55,15 @@ class ServeConfig:
     """Serve each version as a merged copy built outside the engine thread (a swap pauses serving ~0 ms; 2x the
     weights in memory while old answers finish). Off, and always over a 4-bit base: a copy with the LoRA adapter
     unmerged, also built outside the engine thread (each step pays for the adapter's matrices)."""
+    engine: str = "inprocess"
+    """`inprocess`: this process loads the model and samples (chat_app/engine.py). `vllm`: a vLLM server samples
+    and loads each version's LoRA adapter at run time (chat_app/vllm_engine.py; README, Beyond one machine)."""
+    vllm_url: str = ""
+    """With `engine: vllm`, the vLLM OpenAI-compatible server, e.g. `http://127.0.0.1:8000`, started with
+    `--enable-lora` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; it must read `adapters_dir` at the same paths."""
+    vllm_model: str = ""
+    """The name vLLM serves the base model under (the answers of `base`); empty: the one base model GET /v1/models
+    lists. `model.name` must be that same model: the trainer trains on it and its tokenizer cuts long histories."""
     candidates: int = 2
     """Answers sampled per comparison. Above 2, once the serving version has a reward model of heads, the two
     shown are the pair whose order it is least sure of (trainer/reward_heads.PairPicker): votes land where they
@@ -364,6 +373,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           f"{canary.share}, min_votes {canary.min_votes}, max_votes {canary.max_votes}, z {canary.z}")
     if config.schedule.trainer_processes < 1:
         raise ConfigError(f"schedule.trainer_processes: expected 1 or more; got {config.schedule.trainer_processes}")
+    if config.serve.engine == "vllm" and not config.serve.vllm_url:
+        raise ConfigError("serve.vllm_url: serve.engine=vllm needs the vLLM server's address, "
+                          "e.g. http://127.0.0.1:8000")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
@@ -374,4 +386,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 CHOICES = {"reward.kind": ("heads", "lora"), "model.dtype": ("auto", "float32", "bfloat16", "float16"),
            "model.quantization": ("none", "4bit", "8bit"), "serve.weights": ("auto", "model", "packed", "bf16"),
+           "serve.engine": ("inprocess", "vllm"),
            "schedule.trainer_launcher": ("python", "accelerate")}

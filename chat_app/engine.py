@@ -335,6 +335,10 @@ class GenerationEngine:
     def _rows_in_flight(self) -> int:
         return sum(len(b) for b in self._batches())
 
+    def rows_in_flight(self) -> int:
+        """Answers being decoded now, all versions (for /metrics; read from another thread, so an estimate)."""
+        return self._rows_in_flight()
+
     def _admit(self, requests: list[Request]):
         """Encode the prompts (cutting long histories) and prefill them into the running batch."""
         if self.threads and torch.get_num_threads() != self.threads:

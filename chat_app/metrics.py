@@ -87,7 +87,7 @@ class AppCollector:
         yield GaugeMetricFamily("rlhf_engine_queue_depth", "Requests waiting for the engine to admit them",
                                 value=engine.queue_depth())
         yield GaugeMetricFamily("rlhf_engine_rows_in_flight", "Answers being decoded now (all versions)",
-                                value=engine._rows_in_flight())
+                                value=engine.rows_in_flight())
         yield InfoMetricFamily("rlhf_serving", "The version the engine serves", value={"version": engine.version})
         # Votes from feedback.db, not a process counter: UI and API votes both land there, and a restart keeps them.
         votes = CounterMetricFamily("rlhf_votes", "Votes recorded in feedback.db by choice", labels=["choice"])
