@@ -118,7 +118,9 @@ def test_chat_streams_two_answers_and_records_the_vote(server, page):
     expect(bubbles).to_have_count(2)
     assert "Hello there" in bubbles.nth(0).inner_text()
     if shown_a != "(empty answer)":  # the chosen answer continues the conversation
-        assert squash(bubbles.nth(1).inner_text()) == shown_a
+        # the Markdown panel and the Chatbot render a random answer's backslash escapes differently (seen: "\\'"
+        # shown as "'" in one and "\\'" in the other), so compare the text without backslashes
+        assert squash(bubbles.nth(1).inner_text()).replace("\\", "") == shown_a.replace("\\", "")
     assert page.evaluate("window.__xss") is None  # user text is rendered, never executed
     expect(page.locator("#serving-line")).to_contain_text("1 vote so far")
 
