@@ -116,7 +116,12 @@ def main(argv=None):
         from chat_app.app import build_app
         from chat_app.server import serve
 
-        app = build_app(config)
+        from chat_app.vllm_engine import VLLMUnavailable
+
+        try:
+            app = build_app(config)
+        except VLLMUnavailable as error:   # serve.engine: vllm and no vLLM server answers at serve.vllm_url
+            sys.exit(f"run.py: serve: {error}")
         changes = {}
         if args.retrain_every is not None:
             changes["retrain_every_minutes"] = args.retrain_every
