@@ -25,7 +25,7 @@ run: setup
 	$(BIN)/python run.py serve --config $(CONFIG) $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs   # -rs: each skipped test says why
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
