@@ -97,6 +97,16 @@ class Swap:
     """Over unmerged LoRA, while two versions are served: the model their one batch runs on."""
 
 
+def new_request(messages: list[dict], n: int, max_new_tokens: int, temperature: float, top_p: float,
+                seeds: list[int] | None, ignore_eos: bool, versions: list[str | None] | None) -> Request:
+    """A Request for `n` answers (random seeds unless given); either engine's `submit` queues it."""
+    if versions is not None and len(versions) != n:
+        raise ValueError(f"versions names {len(versions)} answers, n is {n}")
+    return Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   seeds=seeds or [random.randrange(2**31) for _ in range(n)], ignore_eos=ignore_eos,
+                   versions=versions)
+
+
 def merged_copy(base_model, adapter_path: str | None = None, dtype: torch.dtype | None = torch.bfloat16):
     """A copy of the base with the LoRA adapter merged in (cast to `dtype` unless None): what a swap serves.
 
@@ -238,11 +248,7 @@ class GenerationEngine:
                top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False,
                versions: list[str | None] | None = None) -> Request:
         """Queue a request for `n` answers; `versions` names the version of each (see Request.versions)."""
-        if versions is not None and len(versions) != n:
-            raise ValueError(f"versions names {len(versions)} answers, n is {n}")
-        request = Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)],
-                          ignore_eos=ignore_eos, versions=versions)
+        request = new_request(messages, n, max_new_tokens, temperature, top_p, seeds, ignore_eos, versions)
         with self._submit_lock:
             waiting = self.queue_depth()
             if self.max_queued_requests and waiting >= self.max_queued_requests:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import threading
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from chat_app.chat import encode_prompt
-from chat_app.engine import EngineBusy, Request, Result
+from chat_app.engine import EngineBusy, Request, Result, new_request
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +117,7 @@ class VLLMEngine:
                top_p: float = 0.9, seeds: list[int] | None = None, ignore_eos: bool = False,
                versions: list[str | None] | None = None) -> Request:
         """Queue a request for `n` answers, one seeded vLLM request each; `versions` names the version of each."""
-        if versions is not None and len(versions) != n:
-            raise ValueError(f"versions names {len(versions)} answers, n is {n}")
-        request = Request(messages=messages, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seeds=seeds or [random.randrange(2**31) for _ in range(n)],
-                          ignore_eos=ignore_eos, versions=versions)
+        request = new_request(messages, n, max_new_tokens, temperature, top_p, seeds, ignore_eos, versions)
         with self._lock:
             if self.max_queued_requests and self._waiting >= self.max_queued_requests:
                 raise EngineBusy(self._waiting)

@@ -130,6 +130,22 @@ def db_location(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
+def nudged_policy(base_model, lora_cfg):
+    """(policy, value_head): a LoRA policy over `base_model` whose adapter is not zero, and a non-zero value head."""
+    import torch
+
+    from trainer.ppo import ValueHead, make_policy
+
+    policy = make_policy(base_model, lora_cfg)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    value_head = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(value_head.linear.weight)
+    return policy, value_head
+
+
 def start_server(tmp_path: Path, extra_args: list[str] = (), env: dict | None = None, db: str | None = None):
     """`run.py serve` with the tiny model as a real process on a free port; returns (process, base_url). `db`: the
     database location (default a SQLite file in tmp_path)."""

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import nudged_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 # a PPO-ptx term too: it is the same on every process, and must count once
@@ -25,18 +27,10 @@ def tiny_setup():
     """(cfg, tokenizer, policy, value_head): the tiny model with a non-zero adapter and value head, the same each call."""
     from chat_app.config import load_config
     from chat_app.model import load_model, load_tokenizer
-    from trainer.ppo import ValueHead, make_policy
-
     cfg = load_config(TINY, OVERRIDES)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
-    policy = make_policy(load_model(cfg.model, tokenizer), cfg.lora)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    value_head = ValueHead(policy.config.hidden_size)
-    torch.nn.init.normal_(value_head.linear.weight)
+    policy, value_head = nudged_policy(load_model(cfg.model, tokenizer), cfg.lora)
     return cfg, tokenizer, policy, value_head
 
 

@@ -15,6 +15,8 @@ from trainer.ppo import (RunningMoments, ValueHead, compute_rewards, forward_log
                          gae, load_value_head, logprobs_from_logits, make_policy, masked_whiten, policy_loss,
                          response_mask, rollout, save_policy, train_ppo, value_loss)
 
+from conftest import nudged_policy
+
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 PROMPTS = [[{"role": "user", "content": f"Question {i}: tell me about {topic}."}]
            for i, topic in enumerate(["cats", "dogs", "rain", "math", "music", "tea", "code", "the sun",
@@ -147,18 +149,6 @@ def test_running_moments_match_all_scores_at_once():
 
 
 # -- the model side on the tiny model ---------------------------------------------------------------
-def nudged_policy(cfg, tokenizer):
-    """A LoRA policy whose adapter is not zero, and a non-zero value head."""
-    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    value_head = ValueHead(policy.config.hidden_size)
-    torch.nn.init.normal_(value_head.linear.weight)
-    return policy, value_head
-
-
 def test_padded_batch_equals_one_by_one_and_reference_is_the_base(tokenizer):
     torch.manual_seed(0)
     cfg = tiny_cfg()
@@ -174,7 +164,7 @@ def test_padded_batch_equals_one_by_one_and_reference_is_the_base(tokenizer):
     ids, attention = torch.cat([query, response_ids], 1), torch.cat([query_mask, mask.long()], 1)
     with torch.no_grad():
         base_logprobs, _ = forward_logprobs_values(base, None, ids, attention, 5)
-        policy, value_head = nudged_policy(cfg, tokenizer)
+        policy, value_head = nudged_policy(tiny_model(cfg, tokenizer), cfg.lora)
         logprobs, values = forward_logprobs_values(policy, value_head, ids, attention, 5)
         with policy.disable_adapter():
             ref_logprobs, _ = forward_logprobs_values(policy, None, ids, attention, 5)
@@ -191,7 +181,7 @@ def test_padded_batch_equals_one_by_one_and_reference_is_the_base(tokenizer):
 def test_save_and_warm_start(tokenizer, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    policy, value_head = nudged_policy(cfg, tokenizer)
+    policy, value_head = nudged_policy(tiny_model(cfg, tokenizer), cfg.lora)
     ids = torch.tensor([[1, 9, 15, 23, 4, 100, 101]])
     folder = save_policy(policy, value_head, tmp_path / "v1")
     assert (folder / "adapter_config.json").exists() and (folder / "value_head.safetensors").exists()
