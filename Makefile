@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: setup run test test-slow bench lock clean
+.PHONY: setup run test test-slow test-vllm bench lock clean
 
 # requirements.lock pins every package (constraints): today's install is next month's install
 $(BIN)/.installed: pyproject.toml requirements.lock
@@ -29,6 +29,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# the app against a real vLLM server in its own virtualenv (.vllm-venv, 3.5 GB; README, Beyond one machine)
+test-vllm: setup
+	.ci/vllm-test
 
 bench: setup
 	$(BIN)/python run.py bench --config $(CONFIG) $(ARGS)

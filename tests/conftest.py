@@ -130,8 +130,9 @@ def db_location(request, tmp_path):
     return request.getfixturevalue("postgres_url")
 
 
-def nudged_policy(base_model, lora_cfg):
-    """(policy, value_head): a LoRA policy over `base_model` whose adapter is not zero, and a non-zero value head."""
+def nudged_policy(base_model, lora_cfg, scale: float = 0.05):
+    """(policy, value_head): a LoRA policy over `base_model` whose adapter is not zero (lora_B ~ N(0, scale²)), and
+    a non-zero value head."""
     import torch
 
     from trainer.ppo import ValueHead, make_policy
@@ -140,7 +141,7 @@ def nudged_policy(base_model, lora_cfg):
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.05)
+                param.normal_(0, scale)
     value_head = ValueHead(policy.config.hidden_size)
     torch.nn.init.normal_(value_head.linear.weight)
     return policy, value_head

@@ -323,26 +323,37 @@ def test_a_vllm_server_that_does_not_answer_stops_the_start_with_one_line(tmp_pa
 # -- a real vLLM server ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_real_vllm_server_answers_a_pair_and_swaps_to_an_adapter(tmp_path, monkeypatch):
-    """RLHF_TEST_VLLM_URL: a vLLM server started with --enable-lora (README, Beyond one machine);
-    RLHF_TEST_VLLM_ADAPTER: a PEFT LoRA folder for its model (the swap is skipped without one)."""
+    """RLHF_TEST_VLLM_URL: a vLLM server started with --enable-lora (README, Beyond one machine; `make test-vllm`
+    starts one); RLHF_TEST_VLLM_ADAPTER: a PEFT LoRA folder for its model, else the test writes one as PPO would."""
     url = os.environ.get("RLHF_TEST_VLLM_URL")
     if not url:
         pytest.skip("RLHF_TEST_VLLM_URL is not set: no real vLLM server to test against")
     monkeypatch.setenv("OPERATOR_PASSWORD", "pw")
-    app, client = in_process_app(tmp_path, ["serve.engine=vllm", f"serve.vllm_url={url}",
-                                            f"model.name={os.environ.get('RLHF_TEST_VLLM_MODEL', 'embedded:smollm2')}"])
+    model_name = os.environ.get("RLHF_TEST_VLLM_MODEL", "embedded:smollm2")
+    adapter = os.environ.get("RLHF_TEST_VLLM_ADAPTER")
+    if not adapter:                                   # the policy's LoRA layout, nudged off zero, saved as PPO does
+        from chat_app.config import load_config
+        from chat_app.model import load_model, load_tokenizer
+        from conftest import nudged_policy
+        from trainer.ppo import save_policy
+
+        config = load_config(None, [f"model.name={model_name}"])
+        tokenizer = load_tokenizer(config.model)
+        policy, value_head = nudged_policy(load_model(config.model, tokenizer), config.lora, scale=0.005)
+        adapter = str(save_policy(policy, value_head, tmp_path / "v1"))
+        del policy
+    app, client = in_process_app(tmp_path, ["serve.engine=vllm", f"serve.vllm_url={url}", f"model.name={model_name}"])
     try:
         texts, last = stream_pair(client, "Name a colour.")
         assert all(texts) and last["usage"]["completion_tokens"] > 0
         vote = client.post("/v1/feedback", json={"comparison_id": last["comparison_id"], "choice": "b"})
         assert vote.status_code == 200
-        adapter = os.environ.get("RLHF_TEST_VLLM_ADAPTER")
-        if adapter:
-            app.store.add_version("v1", adapter, parent="base", run_id=None, metrics={}, status="candidate")
-            assert client.post("/api/operator/serve", json={"version": "v1"}, headers=AUTH).status_code == 200
-            answered = pair(client, "Name a colour.")
-            assert answered["model"] == "v1" and all(c["message"]["content"] for c in answered["choices"])
-            assert client.post("/api/operator/serve", json={"version": "base"}, headers=AUTH).status_code == 200
-            assert "v1" not in app.engine.loaded
+        app.store.add_version("v1", adapter, parent="base", run_id=None, metrics={}, status="candidate")
+        assert client.post("/api/operator/serve", json={"version": "v1"}, headers=AUTH).status_code == 200
+        assert "v1" in app.engine.loaded
+        answered = pair(client, "Name a colour.")
+        assert answered["model"] == "v1" and all(c["message"]["content"] for c in answered["choices"])
+        assert client.post("/api/operator/serve", json={"version": "base"}, headers=AUTH).status_code == 200
+        assert "v1" not in app.engine.loaded
     finally:
         app.close()
