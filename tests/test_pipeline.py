@@ -55,6 +55,19 @@ def test_a_cycle_registers_a_versioned_adapter_with_its_metrics(tiny_config, qua
     assert json.dumps(summary)  # the CLI prints it
 
 
+def test_the_cycle_budget_shortens_ppo_not_the_cycle(tiny_config):
+    """Whatever the reward model took comes out of PPO's minutes: with no minutes left, PPO runs one iteration."""
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    tiny_config.ppo.iterations, tiny_config.ppo.max_minutes = 3, 10.0
+    tiny_config.ppo.cycle_minutes, tiny_config.ppo.gate_reserve_minutes = 0.001, 0.0
+    add_votes(Store(tiny_config.serve.db_path), 16)
+    summary = retrain(tiny_config)
+    assert summary["ppo/budget_minutes"] == pytest.approx(0.01)
+    assert summary["ppo/iterations"] == 1, summary["ppo/iterations"]
+
+
 def test_evaluate_counts_every_comparison(tiny_config, tmp_path):
     from trainer.evaluate import evaluate_cli
 

@@ -6,6 +6,7 @@ import os
 import resource
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -132,8 +133,16 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     distributed.broadcast_object({"prompts": train_prompts, "parent_path": parent_path, "seed": run_id,
                                   "demos": demos if ptx else []})   # what the other processes' PPO needs
     t0 = time.perf_counter()
-    reward_fn = distributed.scored_on_main(reward_model.score)   # one process: reward_model.score itself
-    ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_fn, config.ppo,
+    ppo_cfg = config.ppo
+    if ppo_cfg.cycle_minutes > 0:                           # what the cycle's budget leaves PPO, the gate set aside
+        left = ppo_cfg.cycle_minutes - ppo_cfg.gate_reserve_minutes - (t0 - started) / 60
+        if ppo_cfg.max_minutes <= 0 or left < ppo_cfg.max_minutes:   # rank 0's clock stops the others too
+            ppo_cfg = replace(ppo_cfg, max_minutes=max(left, 0.01))
+            print(f"ppo: {ppo_cfg.max_minutes:.1f} min left of the {config.ppo.cycle_minutes:g} min cycle", flush=True)
+    metrics["ppo/budget_minutes"] = ppo_cfg.max_minutes
+    # one process: the reward model's own scoring; the heads' PPO reward weighs their length effect apart
+    reward_fn = distributed.scored_on_main(getattr(reward_model, "ppo_score", reward_model.score))
+    ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_fn, ppo_cfg,
                             progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id,
                             max_context_tokens=config.model.max_context_tokens)
     distributed.finish()                                    # the others exit; the gate and the database are rank 0's

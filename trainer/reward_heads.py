@@ -151,11 +151,21 @@ def calibration(probabilities: Tensor, correct: Tensor, bins: int = 5) -> dict:
 
 
 class HeadEnsemble:
-    """Standardization, heads (members, d) and a temperature: scores features, with uncertainty."""
+    """Standardization, heads (members, d) and a temperature: scores features, with uncertainty. With
+    `length_weights` (members, LENGTH_FEATURES) each score splits into a length part and the rest (`length_scores`)."""
 
-    def __init__(self, mean: Tensor, std: Tensor, weights: Tensor, temperature: float = 1.0, l2: float = 0.0):
+    def __init__(self, mean: Tensor, std: Tensor, weights: Tensor, temperature: float = 1.0, l2: float = 0.0,
+                 length_weights: Tensor | None = None):
         self.mean, self.std, self.weights = mean, std, weights   # (d,), (d,), (members, d)
         self.temperature, self.l2 = temperature, l2
+        self.length_weights = length_weights
+
+    def length_scores(self, features: Tensor) -> Tensor:
+        """(n,) the part of each mean score that length alone predicts: zero without a decoupled fit."""
+        if self.length_weights is None:
+            return torch.zeros(len(features))
+        z = ((features - self.mean) / self.std)[:, -LENGTH_FEATURES:]
+        return (self.length_weights @ z.T).mean(0)
 
     def member_scores(self, features: Tensor) -> Tensor:
         """(members, n): each head's score of each answer, in logits of the Bradley-Terry model."""
@@ -195,6 +205,10 @@ voted by `longer` the length features alone read 1.00 of held-out pairs and, pen
 features, the full head read 0.89 (5 folds by prompt); scaled, 0.97."""
 
 
+LENGTH_FEATURES = 2
+"""The last two features: log(1 + answer tokens) and log(1 + characters)."""
+
+
 def standardizer(features: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, scale) per feature: unit variance, the summary features SUMMARY_SCALE times larger."""
     mean, std = features.mean(0), features.std(0).clamp(min=1e-4)
@@ -202,17 +216,46 @@ def standardizer(features: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
+def length_projection(features: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(LENGTH_FEATURES, d): the least-squares prediction of every standardized feature from the standardized length
+    features over these answers; zero on the length features themselves. z − z_len·B is what length cannot explain."""
+    z = (features - mean) / std
+    projection = torch.linalg.lstsq(z[:, -LENGTH_FEATURES:].double(), z.double()).solution.float()
+    projection[:, -LENGTH_FEATURES:] = 0
+    return projection
+
+
+def head_design(features_a: Tensor, features_b: Tensor, std: Tensor, projection: Tensor | None) -> Tensor:
+    """(pairs, d) standardized feature differences; with a `projection`, the other features' length-predicted part
+    removed, so that a head's weight on the length features is the whole linear effect of length."""
+    diffs = (features_a - features_b) / std                   # the mean cancels in a difference
+    if projection is not None:
+        diffs = diffs - diffs[:, -LENGTH_FEATURES:] @ projection
+    return diffs
+
+
 def fit_ensemble(features_a: Tensor, features_b: Tensor, outcomes: Tensor, cfg: RewardConfig, l2: float,
                  seed: int = 0) -> HeadEnsemble:
-    """`cfg.ensemble_size` heads at strength `l2`: the first on every pair, the rest on bootstrap resamples."""
-    mean, std = standardizer(torch.cat([features_a, features_b]))
-    diffs = (features_a - features_b) / std                   # the mean cancels in a difference
+    """`cfg.ensemble_size` heads at strength `l2`: the first on every pair, the rest on bootstrap resamples.
+
+    With `cfg.length_decoupled` the heads are fitted on features whose length-predicted part is removed, then mapped
+    back to plain features (the same scores), keeping each head's length effect apart (`length_weights`)."""
+    features = torch.cat([features_a, features_b])
+    mean, std = standardizer(features)
+    projection = length_projection(features, mean, std) if cfg.length_decoupled else None
+    diffs = head_design(features_a, features_b, std, projection)
     generator = torch.Generator().manual_seed(seed)
     weights = []
     for member in range(max(1, cfg.ensemble_size)):
         rows = torch.arange(len(diffs)) if member == 0 else torch.randint(len(diffs), (len(diffs),), generator=generator)
         weights.append(fit_head(diffs[rows], outcomes[rows], l2, cfg.use_ties)["w"])
-    return HeadEnsemble(mean, std, torch.stack(weights), l2=l2)
+    fitted = torch.stack(weights)
+    if projection is None:
+        return HeadEnsemble(mean, std, fitted, l2=l2)
+    # w·(z − z_len·B) = w·z − z_len·(B·w): the same head on plain standardized features
+    plain = fitted.clone()
+    plain[:, -LENGTH_FEATURES:] -= fitted @ projection.T
+    return HeadEnsemble(mean, std, plain, l2=l2, length_weights=fitted[:, -LENGTH_FEATURES:].clone())
 
 
 def cross_validate(features_a: Tensor, features_b: Tensor, outcomes: Tensor, folds: list[int], cfg: RewardConfig
@@ -224,9 +267,12 @@ def cross_validate(features_a: Tensor, features_b: Tensor, outcomes: Tensor, fol
         margins = torch.zeros(len(outcomes))
         for fold in sorted(set(folds)):
             test = torch.tensor([f == fold for f in folds])
-            mean, std = standardizer(torch.cat([features_a[~test], features_b[~test]]))
-            head = fit_head((features_a[~test] - features_b[~test]) / std, outcomes[~test], l2, cfg.use_ties)
-            margins[test] = ((features_a[test] - features_b[test]) / std) @ head["w"]
+            train = torch.cat([features_a[~test], features_b[~test]])
+            mean, std = standardizer(train)
+            projection = length_projection(train, mean, std) if cfg.length_decoupled else None
+            head = fit_head(head_design(features_a[~test], features_b[~test], std, projection), outcomes[~test], l2,
+                            cfg.use_ties)
+            margins[test] = head_design(features_a[test], features_b[test], std, projection) @ head["w"]
         signs = outcomes[decided] * 2 - 1
         results[l2] = -F.logsigmoid(margins[decided] * signs).mean().item()
         oof[l2] = margins
@@ -254,8 +300,13 @@ class HeadRewardModel:
     """Scores (prompt, answer) with the ensemble over the base model's features; `backbone` may be the policy
     (its adapter is disabled while features are read), so training holds one copy of the weights."""
 
-    def __init__(self, backbone, tokenizer, ensemble: HeadEnsemble, max_length: int):
+    def __init__(self, backbone, tokenizer, ensemble: HeadEnsemble, max_length: int, ppo_length_weight: float = 1.0,
+                 ppo_uncertainty_penalty: float = 0.0):
         self.backbone, self.tokenizer, self.ensemble, self.max_length = backbone, tokenizer, ensemble, max_length
+        self.ppo_length_weight = ppo_length_weight
+        """Share of the length part of a score that `ppo_score` keeps (reward.ppo_length_weight)."""
+        self.ppo_uncertainty_penalty = ppo_uncertainty_penalty
+        """κ in `ppo_score`'s mean − κ·spread across heads (reward.ppo_uncertainty_penalty)."""
         self.feature_cache: dict[int, tuple[Tensor, Tensor]] = {}
         """comparison id -> (features of answer a, of answer b), as read by this base model."""
 
@@ -265,6 +316,17 @@ class HeadRewardModel:
     def score(self, prompts_messages: list[list[dict]], answers: list[str]) -> Tensor:
         """Rewards (n,): the ensemble's mean score of each answer to its prompt."""
         return self.ensemble.scores(self.features(prompts_messages, answers))
+
+    def ppo_score(self, prompts_messages: list[list[dict]], answers: list[str]) -> Tensor:
+        """Rewards (n,) for PPO: the score with its length part scaled by `ppo_length_weight`. Length is the one
+        direction a policy moves along fastest, so PPO pursues the reward model's length effect far past what the
+        votes support; the rest of the score has no linear dependence on length (issue 12)."""
+        features = self.features(prompts_messages, answers)
+        members = self.ensemble.member_scores(features)
+        scores = members.mean(0) - (1 - self.ppo_length_weight) * self.ensemble.length_scores(features)
+        if self.ppo_uncertainty_penalty and len(members) > 1:   # where the heads disagree, trust the score less
+            scores = scores - self.ppo_uncertainty_penalty * members.std(0)
+        return scores
 
     def score_with_uncertainty(self, prompts_messages: list[list[dict]], answers: list[str]) -> tuple[Tensor, Tensor]:
         """(mean score, spread across heads), each (n,)."""
@@ -277,7 +339,10 @@ class HeadRewardModel:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         e = self.ensemble
-        save_file({"mean": e.mean, "std": e.std, "weights": e.weights}, folder / HEADS_FILE)
+        tensors = {"mean": e.mean, "std": e.std, "weights": e.weights}
+        if e.length_weights is not None:
+            tensors["length_weights"] = e.length_weights
+        save_file(tensors, folder / HEADS_FILE)
         ids = sorted(self.feature_cache)
         if ids:
             save_file({"ids": torch.tensor(ids), "a": torch.stack([self.feature_cache[i][0] for i in ids]),
@@ -294,7 +359,8 @@ class HeadRewardModel:
         folder = Path(folder)
         meta = json.loads((folder / META_FILE).read_text())
         tensors = load_file(str(folder / HEADS_FILE))
-        ensemble = HeadEnsemble(tensors["mean"], tensors["std"], tensors["weights"], meta["temperature"], meta["l2"])
+        ensemble = HeadEnsemble(tensors["mean"], tensors["std"], tensors["weights"], meta["temperature"], meta["l2"],
+                                length_weights=tensors.get("length_weights"))
         rm = cls(backbone, tokenizer, ensemble, meta["max_length"])
         rm.feature_cache = load_feature_cache(folder, cache_key(backbone, tokenizer, meta["max_length"],
                                                                  ensemble.mean.numel()))
@@ -340,7 +406,8 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
         pairs = decided
 
     # 1. features of every answer, read once per comparison and cached across runs
-    rm = HeadRewardModel(backbone, tokenizer, None, cfg.max_length)   # type: ignore[arg-type]
+    rm = HeadRewardModel(backbone, tokenizer, None, cfg.max_length,     # type: ignore[arg-type]
+                         ppo_length_weight=cfg.ppo_length_weight, ppo_uncertainty_penalty=cfg.ppo_uncertainty_penalty)
     probe = answer_features(backbone, tokenizer, [pairs[0]["prompt_messages"]], [pairs[0]["chosen"]], cfg.max_length)
     key = cache_key(backbone, tokenizer, cfg.max_length, probe.shape[1])
     cache = load_feature_cache(previous, key)
@@ -400,6 +467,10 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
     rm.ensemble = fit_ensemble(features_a, features_b, outcomes, cfg, l2, seed)
     rm.ensemble.temperature = temperature
     fitted = rm.ensemble.pair_stats(features_a[outcomes != 0.5], features_b[outcomes != 0.5])
+    every = torch.cat([features_a, features_b])
+    if rm.ensemble.length_weights is not None:    # how much of what it learned length alone says: std ratio
+        metrics["rm/length_share"] = (rm.ensemble.length_scores(every).std()
+                                      / rm.ensemble.scores(every).std().clamp(min=1e-9)).item()
     metrics.update({"rm/train_accuracy": (fitted["margin"] > 0).float().mean().item(), "rm/l2": l2,
                     "rm/temperature": temperature, "rm/train_pairs": len(train_pairs),
                     "rm/pairs": int((outcomes != 0.5).sum()), "time/reward_features_s": features_s,
