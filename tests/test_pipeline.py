@@ -64,7 +64,7 @@ def test_the_cycle_budget_shortens_ppo_not_the_cycle(tiny_config):
     tiny_config.ppo.cycle_minutes, tiny_config.ppo.gate_reserve_minutes = 0.001, 0.0
     add_votes(Store(tiny_config.serve.db_path), 16)
     summary = retrain(tiny_config)
-    assert summary["ppo/budget_minutes"] == pytest.approx(0.01)
+    assert 0 < summary["ppo/budget_minutes"] < 0.001   # a budget no iteration fits, whatever the CPU
     assert summary["ppo/iterations"] == 1, summary["ppo/iterations"]
 
 

@@ -137,7 +137,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     if ppo_cfg.cycle_minutes > 0:                           # what the cycle's budget leaves PPO, the gate set aside
         left = ppo_cfg.cycle_minutes - ppo_cfg.gate_reserve_minutes - (t0 - started) / 60
         if ppo_cfg.max_minutes <= 0 or left < ppo_cfg.max_minutes:   # rank 0's clock stops the others too
-            ppo_cfg = replace(ppo_cfg, max_minutes=max(left, 0.01))
+            ppo_cfg = replace(ppo_cfg, max_minutes=max(left, 1e-6))   # none left: one iteration
             print(f"ppo: {ppo_cfg.max_minutes:.1f} min left of the {config.ppo.cycle_minutes:g} min cycle", flush=True)
     metrics["ppo/budget_minutes"] = ppo_cfg.max_minutes
     # one process: the reward model's own scoring; the heads' PPO reward weighs their length effect apart
