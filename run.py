@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--against", default="base", help="the version it plays against, as --policy (default base)")
     p.add_argument("--samples", type=positive_int, default=1, help="answers per prompt and policy (default 1)")
     p.add_argument("--out", metavar="FILE", help="write every comparison (answers, token counts, verdicts) as JSONL")
+    p.add_argument("--reward-agreement", metavar="VERSION", nargs="?", const="policy",
+                   help="also score every pair with this version's reward model (default: the policy's) and report "
+                        "how often it prefers the policy and agrees with each judge")
     p = command("bench", "measure serving and training speed")
     p.add_argument("--json", action="store_true")
     p.add_argument("--ppo-batch", type=positive_int, default=8, help="PPO rollouts per iteration (default 8)")
@@ -155,7 +158,8 @@ def main(argv=None):
         oracles = [name.strip() for names in args.oracle for name in names.split(",") if name.strip()]
         try:
             result = evaluate_cli(config, oracles=oracles, prompts_file=args.prompts, policy=args.policy,
-                                  against=args.against, samples=args.samples, out=args.out)
+                                  against=args.against, samples=args.samples, out=args.out,
+                                  agreement_of=args.reward_agreement)
         except (ValueError, OSError) as error:   # a misspelt judge or version, a missing or empty prompts file
             sys.exit(f"run.py: evaluate: {error}")
         print(json.dumps(result, indent=2))

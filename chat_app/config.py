@@ -21,7 +21,7 @@ class ModelConfig:
     dtype: str = "auto"
     """`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16` or `float16`."""
     quantization: str = "none"
-    """`none`, `4bit` or `8bit` (bitsandbytes; CUDA only)."""
+    """`none`, `4bit` or `8bit` (bitsandbytes: on CUDA it saves memory; on CPU it runs, slower than fp32)."""
     max_context_tokens: int = 2048
     """Prompt plus answer must fit in this many tokens; older turns are cut first."""
     torch_threads: int = 0

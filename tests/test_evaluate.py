@@ -170,3 +170,43 @@ def test_evaluate_refuses_bad_arguments_in_one_line_before_loading_a_model(args,
     with pytest.raises(SystemExit) as stopped:
         run.main(["evaluate", "--oracle", "shorter", "--prompts", str(prompts), "--samples", "0"])
     assert stopped.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_reward_agreement_counts_only_the_pairs_a_judge_decided():
+    from trainer.evaluate import reward_agreement
+
+    report = reward_agreement([1.0, -0.5, 2.0, 0.0], {"j": ["policy", "policy", "tie", "against"]})
+    assert (report["prefers_policy"], report["comparisons"]) == (2, 4)
+    assert report["judges"]["j"] == {"agree": 2, "decided": 3, "rate": pytest.approx(2 / 3)}   # 1.0 and 0.0 agree
+
+
+def test_evaluate_reports_how_a_reward_model_reads_the_judged_pairs(tiny_config, tmp_path, capsys):
+    """A reward model that only reads an answer's characters agrees with `longer` on every pair it decided and
+    with `shorter` on none: the check reads the reward model, not the judges."""
+    import torch
+    from chat_app.model import load_model, load_tokenizer
+    from chat_app.store import Store
+    from trainer.evaluate import evaluate_cli
+    from trainer.reward_heads import HeadEnsemble, HeadRewardModel, answer_features
+
+    tokenizer = load_tokenizer(tiny_config.model)
+    model = load_model(tiny_config.model, tokenizer)
+    dims = answer_features(model, tokenizer, [[{"role": "user", "content": "q"}]], ["a"], 64).shape[1]
+    weights = torch.zeros(2, dims)
+    weights[:, -1] = 1.0                                   # log(1 + characters) only
+    ensemble = HeadEnsemble(torch.zeros(dims), torch.ones(dims), weights)
+    HeadRewardModel(model, tokenizer, ensemble, 64).save(tmp_path / "rm")
+    Store(tiny_config.serve.db_path).add_version("v1", str(tmp_path / "none"), "base", None, {},
+                                                 reward_adapter_path=str(tmp_path / "rm"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first question\nsecond question\nthird question\nfourth question\n")
+    result = evaluate_cli(tiny_config, oracles=["longer", "shorter"], prompts_file=str(prompts), policy="base",
+                          against="base", samples=4, agreement_of="v1")
+    check = result["reward_agreement"]
+    assert check["version"] == "v1" and check["comparisons"] == 16
+    assert check["judges"]["longer"]["decided"] > 0
+    assert check["judges"]["longer"]["rate"] == 1.0 and check["judges"]["shorter"]["rate"] == 0.0
+    assert "reward model of v1: prefers the policy in" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no reward model"):
+        evaluate_cli(tiny_config, oracles=["longer"], prompts_file=str(prompts), policy="base", against="base",
+                     agreement_of="policy")

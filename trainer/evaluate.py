@@ -211,13 +211,55 @@ def summary_line(name: str, report: dict) -> str:
             f"length-controlled {report['length_controlled_win_rate']:.2f} [{lc_low:.2f}, {lc_high:.2f}], length effect {effect}")
 
 
+def reward_agreement(margins: list[float], winners: dict[str, list[str]]) -> dict:
+    """How a reward model reads the judged pairs: how often it prefers the policy's answer (margin > 0), and, per
+    judge, on how many of the pairs that judge decided it picks the judge's winner (issue 12: is it the reward model
+    that fails the voters' judge, or a policy that moved too little by the reward model's own measure?)."""
+    n = len(margins)
+    report = {"comparisons": n, "prefers_policy": sum(m > 0 for m in margins),
+              "prefers_policy_rate": sum(m > 0 for m in margins) / n if n else 0.0,
+              "mean_margin": sum(margins) / n if n else 0.0, "judges": {}}
+    for name, verdicts in winners.items():
+        decided = [(m, w) for m, w in zip(margins, verdicts) if w != "tie"]
+        agree = sum((m > 0) == (w == "policy") for m, w in decided)
+        report["judges"][name] = {"agree": agree, "decided": len(decided),
+                                  "rate": agree / len(decided) if decided else 0.0}
+    return report
+
+
+def agreement_line(version: str, report: dict) -> str:
+    """`reward model of v3: prefers the policy in 123 of 200 (0.62); agrees with readable on 121 of 150 decided (0.81), ...`"""
+    judges = ", ".join(f"{name} on {j['agree']} of {j['decided']} decided ({j['rate']:.2f})"
+                       for name, j in report["judges"].items())
+    return (f"reward model of {version}: prefers the policy in {report['prefers_policy']} of {report['comparisons']} "
+            f"({report['prefers_policy_rate']:.2f}); agrees with {judges}")
+
+
+def reward_folder(store, version: str) -> str:
+    """The heads reward model trained with `version`; a one-line error when it has none."""
+    from trainer.reward_heads import is_head_reward_model
+
+    if version == "base":
+        raise ValueError("the base has no reward model: name a trained version with --reward-agreement")
+    row = store.version(version)
+    if row is None:
+        raise ValueError(f"no policy version {version!r} in {store.path}")
+    folder = row.get("reward_adapter_path")
+    if not is_head_reward_model(folder):
+        raise ValueError(f"version {version!r} has no reward model of heads (reward.kind: heads) to check")
+    return folder
+
+
 def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str, policy: str, against: str,
-                 samples: int = 1, out: str | None = None, oracle: str | None = None) -> dict:
+                 samples: int = 1, out: str | None = None, oracle: str | None = None,
+                 agreement_of: str | None = None) -> dict:
     """`run.py evaluate`: each policy answers every prompt (× samples) once, and every judge rates the same pairs.
 
     Args:
         oracles: built-in judge names or module:function specs; `oracle` (one name) is the older keyword.
         out: a JSONL file to write every comparison to (both answers, token counts, each judge's winner).
+        agreement_of: a version whose reward model also scores every pair (`reward_agreement`); `policy` for the
+            policy's own.
     """
     from peft import PeftModel
 
@@ -233,6 +275,8 @@ def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str,
     if not prompt_texts:
         raise ValueError(f"no prompts in {prompts_file}")
     versions = {side: resolve_version(store, version) for side, version in (("policy", policy), ("against", against))}
+    agreement_version = versions["policy"][0] if agreement_of == "policy" else agreement_of
+    agreement_folder = reward_folder(store, agreement_version) if agreement_of else None
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
     names = {}
@@ -265,15 +309,26 @@ def evaluate_cli(config, *, oracles: list[str] | None = None, prompts_file: str,
         winners[name] = judge_pairs(judge, repeated, texts["policy"], texts["against"])
         reports[name] = length_controlled_win_rate([OUTCOMES[w] for w in winners[name]], length_diffs)
         print(summary_line(name, reports[name]), file=sys.stderr)
+    margins = None
+    if agreement_folder:                       # the reward model reads the base's features of the same answers
+        from trainer.reward_heads import HeadRewardModel
+
+        rm = HeadRewardModel.load(model, tokenizer, agreement_folder)
+        messages = [as_messages(p) for p in repeated]
+        margins = (rm.score(messages, texts["policy"]) - rm.score(messages, texts["against"])).tolist()
+        agreement = reward_agreement(margins, winners)
+        print(agreement_line(agreement_version, agreement), file=sys.stderr)
     if out:
         with open(out, "w") as f:
             for i, prompt in enumerate(repeated):
                 f.write(json.dumps({"prompt": prompt, "answer_policy": texts["policy"][i],
                                     "answer_against": texts["against"][i], "tokens_policy": tokens["policy"][i],
                                     "tokens_against": tokens["against"][i],
-                                    "winners": {name: winners[name][i] for name in judges}}) + "\n")
+                                    "winners": {name: winners[name][i] for name in judges},
+                                    **({"reward_margin": margins[i]} if margins else {})}) + "\n")
     count = max(len(repeated), 1)
     return {"policy": names["policy"], "against": names["against"], "prompts": len(prompt_texts),
             "samples_per_prompt": samples, "comparisons": len(repeated),
             "mean_tokens": {side: sum(tokens[side]) / count for side in answers},
-            "eos_rate": {side: sum(answers[side][3]) / count for side in answers}, "judges": reports}
+            "eos_rate": {side: sum(answers[side][3]) / count for side in answers}, "judges": reports,
+            **({"reward_agreement": {"version": agreement_version, **agreement}} if margins is not None else {})}
