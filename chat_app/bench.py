@@ -101,16 +101,19 @@ def random_adapter(model_cfg, tokenizer, lora_cfg, folder: Path) -> Path:
     return folder
 
 
-def training_load(seconds: float, config_path: str, threads: int | None):
-    """Start a subprocess that trains (forward + backward, like PPO's update) for `seconds`."""
+def training_load(seconds: float, config_path: str, threads: int | None, borrow: bool = False):
+    """Start a subprocess that trains (forward + backward, like PPO's update) for `seconds`; with `borrow`, it takes
+    this process's core too whenever this process is idle, looking before each step as the trainer does."""
     env = {**os.environ}
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    pace = (f"from trainer.threads import CoreBorrower; pace = CoreBorrower({os.getpid()}, {threads or 1}, "
+            f"{os.cpu_count() or 1})\n" if borrow else "pace = lambda: None\n")
     code = ("import sys, time, torch; from chat_app.config import load_config; "
             "from chat_app.model import load_model, load_tokenizer; "
             f"c = load_config({config_path!r}); t = load_tokenizer(c.model); m = load_model(c.model, t); m.train(); "
             "ids = torch.randint(100, 1000, (8, 96)); print('ready', flush=True); end = time.time() + float(sys.argv[1])\n"
-            "while time.time() < end: m(input_ids=ids, labels=ids).loss.backward()")
+            + pace + "while time.time() < end: pace(); m(input_ids=ids, labels=ids).loss.backward()")
     process = subprocess.Popen([sys.executable, "-c", code, str(seconds)], env=env, stdout=subprocess.PIPE, text=True)
     process.stdout.readline()   # wait until it is loaded and about to train
     return process
@@ -163,8 +166,17 @@ def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iter
     cfg.iterations, cfg.response_length = iterations, response_length
     cfg.samples_per_prompt = 2
     cfg.rollout_prompts = max(1, ppo_batch // cfg.samples_per_prompt)
-    metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts],
-                        lambda prompts, answers: torch.tensor([-len(a) / 100 for a in answers]), cfg)
+    reward_fn = lambda prompts, answers: torch.tensor([-len(a) / 100 for a in answers])   # noqa: E731
+    metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts], reward_fn, cfg)
+    borrowed = {}
+    own, cores = torch.get_num_threads(), os.cpu_count() or 1
+    idle = config.schedule.trainer_idle_threads or cores
+    if next(policy.parameters()).device.type == "cpu" and idle > own:   # the server's core too, while it is idle
+        torch.set_num_threads(idle)
+        idle_metrics = train_ppo(policy, value_head, tokenizer, [as_messages(p) for p in prompts], reward_fn, cfg)
+        torch.set_num_threads(own)
+        borrowed = {"ppo_iteration_idle_server_s": (idle_metrics["time/rollout_s"] + idle_metrics["time/update_s"])
+                    / iterations, "idle_server_threads": idle}
     # the rollout's generation alone, through the packed copy (what train_ppo used on CPU) and through the HF model
     from chat_app.packed import policy_copy
     from trainer.ppo import rollout
@@ -182,7 +194,8 @@ def bench_training(config, tokenizer, ppo_batch: int, response_length: int, iter
             "ppo_iteration_s": (metrics["time/rollout_s"] + metrics["time/update_s"]) / iterations,
             "ppo_rollout_s": metrics["time/rollout_s"] / iterations,
             "ppo_update_s": metrics["time/update_s"] / iterations,
-            "ppo_batch": cfg.rollout_prompts * cfg.samples_per_prompt, "response_length": response_length}
+            "ppo_batch": cfg.rollout_prompts * cfg.samples_per_prompt, "response_length": response_length,
+            **borrowed}
 
 
 def synthetic_pairs(prompts: list[str], n: int, seed: int = 0) -> list[dict]:
@@ -309,11 +322,13 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
     # 3. while a training process runs beside serving: our thread split against torch's defaults
     if device.type == "cpu":
         split = {}
-        for name, serve_threads, train_threads in (
-                ("split", serving_threads(config, training=True), config.schedule.trainer_threads),
-                ("default_threads", os.cpu_count(), None)):
+        for name, serve_threads, train_threads, borrow in (
+                ("split", serving_threads(config, training=True), config.schedule.trainer_threads, False),
+                ("split_borrowing", serving_threads(config, training=True), config.schedule.trainer_threads, True),
+                ("default_threads", os.cpu_count(), None, False)):
             engine.threads = serve_threads
-            load = training_load(60, config.source or "configs/default.yaml", train_threads)
+            load = training_load(60, config.source or "configs/default.yaml", train_threads, borrow)
+            time.sleep(1.0 if borrow else 0)                    # idle: the trainer has taken our core
             during = engine_pairs(engine, QUESTIONS[:1], 24, together=True)
             load.kill()
             load.wait()
@@ -322,7 +337,9 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         engine.threads = serving_threads(config, training=False)
         results["during_training"] = split
         say(f"while training: one pair {split['split']['one_pair_ms_per_step']:.0f} ms/step with our split "
-            f"({split['split']['serving_threads']}+{split['split']['trainer_threads']} threads) vs "
+            f"({split['split']['serving_threads']}+{split['split']['trainer_threads']} threads), "
+            f"{split['split_borrowing']['one_pair_ms_per_step']:.0f} ms/step when the trainer borrows the idle "
+            f"server's core (it gives it back once serving starts) vs "
             f"{split['default_threads']['one_pair_ms_per_step']:.0f} ms/step with default threads")
     engine.stop()
     serving_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # before the comparison copies
@@ -351,6 +368,9 @@ def bench(config, as_json: bool = False, ppo_batch: int = 8, response_length: in
         f"{response_length} tokens; rollout generation " + " vs ".join(
             f"{seconds:.1f} s {'packed' if name == 'packed' else 'through the HF model'}"
             for name, seconds in results['training']['rollout_generation_s'].items()))
+    if "ppo_iteration_idle_server_s" in results["training"]:
+        say(f"PPO iteration with the idle server's core too ({results['training']['idle_server_threads']} threads, "
+            f"schedule.trainer_idle_threads): {results['training']['ppo_iteration_idle_server_s']:.1f} s")
     if rm_sizes:   # 5. how a retrain's cost grows with the votes (PPO and the gate do not depend on them)
         results["reward_scaling"] = bench_reward_scaling(config, tokenizer, rm_sizes, rm_new_votes)
         for row in results["reward_scaling"]:

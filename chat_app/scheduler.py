@@ -16,6 +16,7 @@ import yaml
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from chat_app.app import serving_threads
+from trainer.threads import SERVER_PID_ENV
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +231,7 @@ class RetrainScheduler:
         config_file.write_text(yaml.safe_dump(data))
         threads = str(config.schedule.trainer_threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-               "GRADIO_ANALYTICS_ENABLED": "False"}
+               "GRADIO_ANALYTICS_ENABLED": "False", SERVER_PID_ENV: str(os.getpid())}   # borrows our core when idle
         log_path = runs_dir / f"run-{run_id}.log"
         cmd = trainer_command(config, config_file, run_id)
         log_file = open(log_path, "w")

@@ -277,17 +277,20 @@ class Store:
         return self._one("SELECT COUNT(*) AS n FROM comparisons WHERE voted_at > ?", [since])["n"]
 
     def preference_pairs(self, include_ties: bool = False) -> list[dict]:
-        """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected}; both-bad are not pairs. With
+        """Every A/B vote as {comparison_id, prompt_messages, chosen, rejected, versions, ended_with_eos}; both-bad are
+        not pairs. With
         `include_ties`, ties too, marked `"tie": True` (chosen = answer A, rejected = answer B)."""
         choices = ("a", "b", "tie") if include_ties else ("a", "b", "a")
-        rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice, version_a, version_b FROM comparisons "
-                          "WHERE choice IN (?, ?, ?) ORDER BY id", list(choices))
+        rows = self._rows("SELECT id, prompt_json, answer_a, answer_b, choice, version_a, version_b, ended_with_eos_a, "
+                          "ended_with_eos_b FROM comparisons WHERE choice IN (?, ?, ?) ORDER BY id", list(choices))
         b_won = [r["choice"] == "b" for r in rows]
         return [{"comparison_id": r["id"], "prompt_messages": json.loads(r["prompt_json"]),
                  "chosen": r["answer_b"] if b else r["answer_a"],
                  "rejected": r["answer_a"] if b else r["answer_b"],
                  "versions": {"chosen": r["version_b"] if b else r["version_a"],
                               "rejected": r["version_a"] if b else r["version_b"]},
+                 "ended_with_eos": {"chosen": bool(r["ended_with_eos_b"] if b else r["ended_with_eos_a"]),
+                                    "rejected": bool(r["ended_with_eos_a"] if b else r["ended_with_eos_b"])},
                  **({"tie": True} if r["choice"] == "tie" else {})} for r, b in zip(rows, b_won)]
 
     def cross_version_votes(self, since: str | None = None, versions: tuple[str, str] | None = None) -> list[dict]:

@@ -1,5 +1,6 @@
 """`run.py bench` runs end to end on the tiny model and reports every figure the issue asks for (no timing asserted)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -28,10 +29,12 @@ def test_bench_reports_every_figure_beside_its_baseline():
     assert mixed["one_pair_ms_per_step"] > 0 and mixed["eight_users_tokens_per_s"] > 0
     assert mixed["quarter_trial_tokens_per_s"] > 0
     assert results["hot_swap"]["requests_failed"] == 0 and results["hot_swap"]["pause_ms"] >= 0
-    assert set(results["during_training"]) == {"split", "default_threads"}
+    assert set(results["during_training"]) == {"split", "split_borrowing", "default_threads"}
     training = results["training"]
     assert training["rm_pairs_per_s"] > 0 and training["ppo_rollout_s"] > 0 and training["ppo_update_s"] > 0
     assert set(training["rollout_generation_s"]) == {"packed", "hf_model"}
+    if (os.cpu_count() or 1) > 1:                               # the trainer's iteration with the idle server's core
+        assert training["ppo_iteration_idle_server_s"] > 0 and training["idle_server_threads"] > 1
     (scaling,) = results["reward_scaling"]
     assert scaling["cold"]["tokenized_pairs"] == 16 and scaling["warm_votes"] == 24
     assert scaling["warm"]["tokenized_pairs"] == 8                # only the new votes are read and tokenised

@@ -86,3 +86,34 @@ def test_prompt_pool_keeps_gate_prompts_out_of_training():
     keys = {json.dumps(p) for p in train}
     assert len(gate) == 3 and not keys & {json.dumps(p) for p in gate}
     assert len(train) + len(gate) == 12                    # "user prompt 1" counted once
+
+
+def test_a_cycle_trains_on_the_voted_answers_and_borrows_an_idle_servers_core(tiny_config, monkeypatch):
+    """ppo.served_pairs: the parent's voted answers join the rollouts, never those of the gate's held-out prompts;
+    a server that is idle lends its core (trainer/threads.py) and the run says for what share of its steps."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    store = Store(tiny_config.serve.db_path)
+    add_votes(store, 24)
+    tiny_config.ppo.served_pairs = 2
+    idle_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    monkeypatch.setenv("RLHF_SERVER_PID", str(idle_server.pid))
+    threads = torch.get_num_threads()
+    try:
+        summary = retrain(tiny_config)
+    finally:
+        idle_server.kill()
+        idle_server.wait()
+        torch.set_num_threads(threads)                          # the borrower set this process's threads
+    _, gate = prompt_pool(store.user_prompts(), load_prompts(tiny_config.schedule.seed_prompts),
+                          tiny_config.gate.eval_prompts, summary["run_id"])
+    voted = {json.dumps(p["prompt_messages"]) for p in store.preference_pairs()}
+    assert summary["ppo/served_pairs_available"] == len(voted - {json.dumps(m) for m in gate}) > 0
+    assert summary["objective/served_rows"] == 4                # 2 pairs, both answers, each iteration
+    assert summary["time/borrowed_share"] > 0                   # the first look waits; the later ones borrowed

@@ -101,6 +101,22 @@ def test_gae_by_hand():
     assert torch.allclose(returns, torch.tensor([[0.91725, 0.955, 1.0], [0.96, 1.0, 0.0]]), atol=1e-6)
 
 
+def test_the_default_lambda_gives_an_answers_first_token_the_credit_of_its_last():
+    # A reward model scores a whole answer at its last token, and with a value head that knows nothing yet (V = 0,
+    # as after a leave-one-out baseline, whose per-prompt mean is 0) GAE hands token t the score times λ^(L-1-t).
+    # At λ = 0.95 the first token of a 100-token answer got 0.6% of it: only the last ~20 tokens, where the answer
+    # ends (its length), were trained. The default λ gives every token the score.
+    cfg = tiny_cfg().ppo
+    length = 100
+    rewards = torch.zeros(1, length)
+    rewards[0, -1] = 1.0                                         # the score on the last real token
+    mask = response_mask(torch.tensor([length]), length)
+    advantages, _ = gae(rewards, torch.zeros(1, length), mask, gamma=cfg.gamma, lam=cfg.gae_lambda)
+    assert advantages[0, 0] == pytest.approx(advantages[0, -1])
+    old, _ = gae(rewards, torch.zeros(1, length), mask, gamma=1.0, lam=0.95)
+    assert old[0, 0] < 0.01 * old[0, -1]
+
+
 def test_vectorised_gae_equals_a_loop_per_row():
     torch.manual_seed(0)
     rewards, values = torch.randn(5, 7), torch.randn(5, 7)
@@ -254,3 +270,80 @@ def test_prompt_baseline_is_leave_one_out_within_a_prompt():
     assert torch.allclose(centered, expected)
     shifted = prompt_baseline(scores + torch.tensor([5.0, 5, 5, -3, -3, 0]), prompts)  # a per-prompt offset
     assert torch.allclose(shifted[:5], centered[:5])          # ...is what the baseline removes
+
+
+def test_served_rows_tokenise_each_answer_once_and_mark_cut_ones(tokenizer):
+    from trainer.ppo import served_rows
+
+    pair = {"prompt_messages": PROMPTS[0], "chosen": "Cats purr.", "rejected": "Cats " * 40,
+            "ended_with_eos": {"chosen": True, "rejected": True}}
+    rows = served_rows(tokenizer, [pair], max_prompt_tokens=100, response_length=20)
+    assert [r["text"] for r in rows] == ["Cats purr.", "Cats " * 40] and {r["pair"] for r in rows} == {0}
+    assert rows[0]["answer_ids"] == tokenizer("Cats purr.", add_special_tokens=False)["input_ids"]
+    assert rows[0]["ended_with_eos"] and not rows[1]["ended_with_eos"]       # cut at 20 tokens: no EOS to train
+    assert len(rows[1]["answer_ids"]) == 20
+
+
+def test_ppo_learns_from_voted_answers_it_never_sampled(tokenizer):
+    # Served pairs only (no prompt is ever sampled for the reward): each pair's chosen answer is spaced words, its
+    # rejected one a run-on string; the reward prefers spaces. PPO on those rows must raise the policy's
+    # likelihood of the chosen answers over the rejected ones (the margin a pairwise loss would train).
+    from trainer.ppo import served_rows
+
+    cfg = tiny_cfg("ppo.iterations=6", "ppo.rollout_prompts=1", "ppo.samples_per_prompt=1", "ppo.served_pairs=4",
+                   "ppo.minibatch_size=9", "ppo.epochs=2", "ppo.learning_rate=0.003", "ppo.target_kl=0",
+                   "ppo.response_length=12")
+    words = ["cat", "dog", "tea", "sun", "rain", "map", "code", "song"]
+    pairs = [{"prompt_messages": PROMPTS[i], "chosen": " ".join(words[i:] + words[:i])[:40],
+              "rejected": "".join(words[i:] + words[:i])[:40], "ended_with_eos": {"chosen": True, "rejected": True}}
+             for i in range(4)]
+    rows = served_rows(tokenizer, pairs, max_prompt_tokens=100, response_length=12)
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+
+    def margin():                                               # Σ log π(chosen) − Σ log π(rejected), over the pairs
+        batch = ppo.pack_query_response([r["prompt_ids"] for r in rows], [r["answer_ids"] for r in rows],
+                                        tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logprobs, _ = forward_logprobs_values(policy, None, batch["query_response"], batch["attention_mask"],
+                                                  batch["context_length"], cfg.ppo.temperature)
+        totals = (logprobs * response_mask(batch["response_lengths"], logprobs.shape[1])).sum(1)
+        return (totals[0::2] - totals[1::2]).sum().item()
+
+    def space_share(messages, texts):
+        return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
+
+    before = margin()
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS[:1], space_share, cfg.ppo,
+                        seed=0, served=rows)
+    after = margin()
+    assert after > before + 20, (before, after)                 # seen: 35 -> 105 nats; without the pairs 35 -> 34
+    assert metrics["objective/served_rows"] == 8
+
+
+def test_cached_frozen_layers_give_the_whole_forwards_numbers_and_gradients(tokenizer):
+    from trainer.frozen_layers import frozen_layer_count, lower_hidden
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    policy, value_head = nudged_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    count = frozen_layer_count(policy)
+    assert 0 < count < policy.config.num_hidden_layers          # LoRA on the top half only
+    prompts, responses = [[5, 6, 7, 8, 9], [10, 11]], [[20, 21, 22], [23, 24, 25, 26, 27]]
+    batch = ppo.pack_query_response(prompts, responses, tokenizer.pad_token_id, "cpu")
+    ids, attention, ctx = batch["query_response"], batch["attention_mask"], batch["context_length"]
+    mask = response_mask(batch["response_lengths"], ids.shape[1] - ctx)
+    lower = lower_hidden(policy, ids, attention, count)
+    results = []
+    for cached in (None, lower):
+        policy.zero_grad()
+        logprobs, values = forward_logprobs_values(policy, value_head, ids, attention, ctx, 0.7, cached, count)
+        (logprobs * mask).sum().backward()
+        grads = [p.grad.clone() for p in policy.parameters() if p.requires_grad]
+        with torch.no_grad(), policy.disable_adapter():
+            ref, _ = forward_logprobs_values(policy, None, ids, attention, ctx, 0.7, cached, count)
+        results.append((logprobs.detach(), values.detach(), grads, ref))
+    (whole, whole_values, whole_grads, whole_ref), (part, part_values, part_grads, part_ref) = results
+    assert torch.allclose(whole[mask], part[mask], atol=1e-5) and torch.allclose(whole_ref[mask], part_ref[mask], atol=1e-5)
+    assert torch.allclose(whole_values[mask], part_values[mask], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, part_grads))
+    assert (whole - whole_ref)[mask].abs().max() > 1e-3         # the adapter acts above the cached layers

@@ -1,6 +1,7 @@
 """One retrain cycle: SFT (if demonstrations), reward model, PPO, evaluation gate, a new versioned adapter."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -59,11 +60,16 @@ def retrain(config: Config, run_id: int | None = None, promote: bool | None = No
 def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     from chat_app.model import load_model, load_tokenizer
     from trainer.evaluate import gate_decision, gate_figures, policy_stats
-    from trainer.ppo import load_value_head, make_policy, save_policy, train_ppo, ValueHead
+    from trainer.ppo import load_value_head, make_policy, save_policy, served_rows, train_ppo, ValueHead
     from trainer.reward import train_reward_model
     from trainer.sft import sft_loss, train_sft
+    from trainer.threads import core_borrower
 
     progress = Progress(store, run_id)
+    # the server's core too while nobody chats (one process only: under accelerate the processes share the cores)
+    borrower = core_borrower(config.schedule.trainer_threads, config.schedule.trainer_idle_threads) \
+        if distributed.world_size() == 1 else None
+    pace = borrower or (lambda: None)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     counts = store.vote_counts()
@@ -81,6 +87,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
 
     # 2. reward model on every A/B vote (and the ties, for the heads)
     t0 = time.perf_counter()
+    pace()
     base = None
     if config.reward.kind == "heads":
         from trainer.reward_heads import is_head_reward_model, train_head_reward_model
@@ -121,6 +128,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     # 4. SFT on user-written answers, when there are enough
     if config.sft.enabled and len(demos) >= config.sft.min_demonstrations:
         t0 = time.perf_counter()
+        pace()
         metrics.update(train_sft(policy, tokenizer, demos, config.sft, max_prompt, progress=progress, seed=run_id))
         timings["time/sft_s"] = time.perf_counter() - t0
 
@@ -130,8 +138,14 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     ptx = None
     if config.ppo.ptx_coef > 0 and demos:
         ptx = lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)  # noqa: E731
+    # the parent's own answers that users voted on (decided pairs, not on the gate's prompts): rows PPO need not sample
+    held_out = {json.dumps(m) for m in gate_prompts}
+    served = [p for p in pairs if p["versions"]["chosen"] == p["versions"]["rejected"] == parent
+              and json.dumps(p["prompt_messages"]) not in held_out] if config.ppo.served_pairs > 0 else []
+    served = served_rows(tokenizer, served, max_prompt, config.ppo.response_length)
+    metrics["ppo/served_pairs_available"] = len(served) // 2
     distributed.broadcast_object({"prompts": train_prompts, "parent_path": parent_path, "seed": run_id,
-                                  "demos": demos if ptx else []})   # what the other processes' PPO needs
+                                  "demos": demos if ptx else [], "served": served})   # what the others' PPO needs
     t0 = time.perf_counter()
     ppo_cfg = config.ppo
     if ppo_cfg.cycle_minutes > 0:                           # what the cycle's budget leaves PPO, the gate set aside
@@ -142,9 +156,10 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     metrics["ppo/budget_minutes"] = ppo_cfg.max_minutes
     # one process: the reward model's own scoring; the heads' PPO reward weighs their length effect apart
     reward_fn = distributed.scored_on_main(getattr(reward_model, "ppo_score", reward_model.score))
+
     ppo_metrics = train_ppo(policy, value_head, tokenizer, train_prompts, reward_fn, ppo_cfg,
                             progress=progress, ptx_batches=(demos, ptx) if ptx else None, seed=run_id,
-                            max_context_tokens=config.model.max_context_tokens)
+                            max_context_tokens=config.model.max_context_tokens, pace=borrower, served=served)
     distributed.finish()                                    # the others exit; the gate and the database are rank 0's
     timings["time/ppo_s"] = time.perf_counter() - t0
     metrics.update(ppo_metrics)
@@ -152,12 +167,14 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     # 6. the gate: candidate and serving policy answer the same held-out prompts
     t0 = time.perf_counter()
     progress({"stage": "gate", "step": 0, "steps": 2})
+    pace()
     if parent != "base":
         policy.load_adapter(parent_path, adapter_name="serving")
     stats_args = dict(samples=config.gate.samples_per_prompt, max_new_tokens=config.ppo.response_length,
                       seed=run_id, max_prompt_tokens=max_prompt, temperature=config.ppo.temperature)
     candidate = policy_stats(policy, tokenizer, reward_model, gate_prompts, "default", **stats_args)
     progress({"stage": "gate", "step": 1, "steps": 2})
+    pace()
     incumbent = policy_stats(policy, tokenizer, reward_model, gate_prompts,
                              None if parent == "base" else "serving", **stats_args)
     progress({"stage": "gate", "step": 2, "steps": 2})
@@ -174,6 +191,8 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
                     "eval/gate_prompts": len(gate_prompts), "eval/passed": passed})
     timings["time/total_s"] = time.perf_counter() - started
     metrics.update(timings)
+    if borrower is not None:                                # how much of the run had the server's core too
+        metrics["time/borrowed_share"] = borrower.borrowed_share
     metrics["memory/peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: kB
 
     # 7. save and register the version: candidate when it passed (the server promotes it), else rejected
@@ -218,6 +237,7 @@ def _ppo_worker(config: Config) -> dict:
     max_prompt = config.model.max_context_tokens - config.ppo.response_length
     ptx = (plan["demos"], lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)) if plan["demos"] else None
     train_ppo(policy, value_head, tokenizer, plan["prompts"], distributed.scored_on_main(None), config.ppo,
-              ptx_batches=ptx, seed=plan["seed"], max_context_tokens=config.model.max_context_tokens)
+              ptx_batches=ptx, seed=plan["seed"], max_context_tokens=config.model.max_context_tokens,
+              served=plan["served"])
     distributed.finish()
     return {"rank": rank, "status": "PPO share done"}

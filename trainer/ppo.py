@@ -22,6 +22,7 @@ from chat_app.config import LoraConfig, PPOConfig
 from chat_app.decoding import decode, left_pad
 from chat_app.packed import policy_copy
 from trainer import distributed
+from trainer.frozen_layers import frozen_layer_count, lower_hidden, upper_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -205,22 +206,29 @@ def load_value_head(folder: str | Path, hidden_size: int, device="cpu") -> Value
 
 
 def forward_logprobs_values(policy, value_head: ValueHead | None, query_response_ids: Tensor, attention_mask: Tensor,
-                            context_length: int, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+                            context_length: int, temperature: float = 1.0, lower: Tensor | None = None,
+                            lower_layers: int = 0) -> tuple[Tensor, Tensor | None]:
     """(logprobs, values) of the response tokens, both (batch, resp_len); values None without a head.
 
-    Rows are left-padded prompts of width `context_length` followed by right-padded responses.
+    Rows are left-padded prompts of width `context_length` followed by right-padded responses. `lower` is the output
+    of the first `lower_layers` decoder layers for these rows (trainer/frozen_layers.py): only the layers above run.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)    # left padding must not shift positions
     resp_len = query_response_ids.shape[1] - context_length
-    out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 output_hidden_states=value_head is not None, use_cache=False,
-                 logits_to_keep=resp_len + 1)                      # no logits over the prompt: the vocab is large
-    logits = out.logits[:, :-1] / temperature                      # (batch, resp_len, vocab); position t predicts t+1
-    logprobs = logprobs_from_logits(logits, query_response_ids[:, context_length:])
+    if lower is not None:                                          # the frozen lower layers ran once already
+        hidden, lm_head = upper_forward(policy, lower, attention_mask, lower_layers)
+        hidden = hidden[:, context_length - 1:-1]                  # (batch, resp_len, hidden): the state before each token
+        logits = lm_head(hidden)
+    else:
+        out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     output_hidden_states=value_head is not None, use_cache=False,
+                     logits_to_keep=resp_len + 1)                  # no logits over the prompt: the vocab is large
+        logits = out.logits[:, :-1]                                # (batch, resp_len, vocab); position t predicts t+1
+        hidden = out.hidden_states[-1][:, context_length - 1:-1] if value_head is not None else None
+    logprobs = logprobs_from_logits(logits / temperature, query_response_ids[:, context_length:])
     if value_head is None:
         return logprobs, None
-    values = value_head(out.hidden_states[-1][:, context_length - 1:-1])   # V of the state before each response token
-    return logprobs, values
+    return logprobs, value_head(hidden)                            # V of the state before each response token
 
 
 def pack_query_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
@@ -240,8 +248,10 @@ def pack_query_response(prompts: list[list[int]], responses: list[list[int]], pa
 
 # -- rollout and experience -----------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: int) -> dict:
-    """One sampled answer per prompt row with the serving decode loop; tensors on the policy's device.
+def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: int,
+            served: list[dict] | None = None) -> dict:
+    """One sampled answer per prompt row with the serving decode loop, then the `served` rows (answers users were
+    shown, from `served_rows`) after them; tensors on the policy's device.
 
     Returns query_response (batch, context_length + resp_len), attention_mask (same), context_length,
     response_lengths (batch,) counting the EOS when there is one, ended_with_eos (batch,), texts.
@@ -255,10 +265,27 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
                             seeds=[seed + row for row in mine], eos_id=eos_id, pad_id=pad_id,
                             top_k=cfg.top_k)              # 0: the whole vocabulary, as the logprobs below assume
     answers, ended = distributed.gather_rows(answers, batch), distributed.gather_rows(ended, batch)  # all, everywhere
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    for row in served or []:                                    # already sampled when users were served: free rows
+        prompts, answers = prompts + [row["prompt_ids"]], answers + [row["answer_ids"]]
+        ended, texts = ended + [row["ended_with_eos"]], texts + [row["text"]]
     responses = [a + [eos_id] if e else a for a, e in zip(answers, ended)]  # EOS is an action: it gets trained too
     return {**pack_query_response(prompts, responses, pad_id, device),
-            "ended_with_eos": torch.tensor(ended, device=device),
-            "texts": [tokenizer.decode(a, skip_special_tokens=True) for a in answers]}
+            "ended_with_eos": torch.tensor(ended, device=device), "texts": texts}
+
+
+def served_rows(tokenizer, pairs: list[dict], max_prompt_tokens: int, response_length: int) -> list[dict]:
+    """Both answers of each voted pair as rollout rows: prompt_messages, prompt_ids, answer_ids (the text tokenised again, at most
+    `response_length`), ended_with_eos, text, and `pair` (its index: the two answers share a prompt baseline)."""
+    rows = []
+    for index, pair in enumerate(pairs):
+        prompt_ids = encode_prompt(tokenizer, pair["prompt_messages"], max_prompt_tokens)[0]
+        for side in ("chosen", "rejected"):
+            answer_ids = tokenizer(pair[side], add_special_tokens=False)["input_ids"][:response_length]
+            ended = bool(pair["ended_with_eos"][side]) and len(answer_ids) < response_length
+            rows.append({"prompt_messages": pair["prompt_messages"], "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+                         "ended_with_eos": ended, "text": pair[side], "pair": index})
+    return rows
 
 
 @torch.no_grad()
@@ -267,11 +294,17 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
     """Add old logprobs, ref logprobs, values, rewards, kl, advantages and returns (batch, resp_len) to `batch`."""
     ids, attn, ctx = batch["query_response"], batch["attention_mask"], batch["context_length"]
     chunks = [slice(i, i + cfg.minibatch_size) for i in range(0, len(ids), cfg.minibatch_size)]  # bounds memory
-    old = [forward_logprobs_values(policy, value_head, ids[c], attn[c], ctx, cfg.temperature) for c in chunks]
+    frozen = frozen_layer_count(policy) if cfg.cache_frozen_layers else 0
+    lowers = [lower_hidden(policy, ids[c], attn[c], frozen) for c in chunks]   # the same with or without the adapter
+    if any(lower is None for lower in lowers):
+        lowers, frozen = [None] * len(chunks), 0
+    old = [forward_logprobs_values(policy, value_head, ids[c], attn[c], ctx, cfg.temperature, lower, frozen)
+           for c, lower in zip(chunks, lowers)]
     logprobs, values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])   # (batch, resp_len)
     with policy.disable_adapter():                              # the reference: same weights, no adapter
-        ref_logprobs = torch.cat([forward_logprobs_values(policy, None, ids[c], attn[c], ctx, cfg.temperature)[0]
-                                  for c in chunks])             # (batch, resp_len)
+        ref_logprobs = torch.cat([forward_logprobs_values(policy, None, ids[c], attn[c], ctx, cfg.temperature,
+                                                          lower, frozen)[0]
+                                  for c, lower in zip(chunks, lowers)])   # (batch, resp_len)
     mask = response_mask(batch["response_lengths"], logprobs.shape[1])
     scores = scores.to(logprobs.device).float()                 # (batch,)
     if cfg.normalize_reward and score_stats is not None:       # scale by the running std of scores [37 details]
@@ -285,17 +318,20 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)            # advantage normalisation [37 details]
     return {**batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "mask": mask,
-            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns}
+            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns,
+            "lower": torch.cat(lowers) if frozen else None, "lower_layers": frozen}   # (batch, T, hidden) or None
 
 
 # -- the update ----------------------------------------------------------------------------------
 def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, exp: dict, cfg: PPOConfig,
-             generator: torch.Generator | None = None, ptx_loss: Callable[[], Tensor] | None = None) -> dict:
+             generator: torch.Generator | None = None, ptx_loss: Callable[[], Tensor] | None = None,
+             pace: Callable[[], object] | None = None) -> dict:
     """Epochs of shuffled minibatches over one experience batch; returns the mean losses and diagnostics.
 
     Data parallel (trainer/distributed.py): every process holds the whole batch and draws the same minibatches,
     computes its rows' share of each, and all step with the summed gradient, so the update is one process's. The
-    PPO-ptx term is the same on every process and the token shares sum to 1: the sum counts it once."""
+    PPO-ptx term is the same on every process and the token shares sum to 1: the sum counts it once. `pace` is
+    called before each minibatch (trainer/threads.py: the thread budget follows the server's load)."""
     params = [p for p in itertools.chain(policy.parameters(), value_head.parameters()) if p.requires_grad]
     batch_size, ctx = len(exp["query_response"]), exp["context_length"]
     stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "value_loss", "clipfrac",
@@ -305,9 +341,13 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
         epoch_kl = []
         order = torch.randperm(batch_size, generator=generator).to(exp["query_response"].device)
         for start in range(0, batch_size, cfg.minibatch_size):
+            if pace is not None:
+                pace()
             mb = distributed.row_share(order[start:start + cfg.minibatch_size])   # this process's rows of the minibatch
+            lower = exp["lower"][mb] if exp.get("lower") is not None else None   # frozen layers: computed once
             new_logprobs, new_values = forward_logprobs_values(
-                policy, value_head, exp["query_response"][mb], exp["attention_mask"][mb], ctx, cfg.temperature)
+                policy, value_head, exp["query_response"][mb], exp["attention_mask"][mb], ctx, cfg.temperature,
+                lower, exp.get("lower_layers", 0))
             mb_mask = exp["mask"][mb]
             share = mb_mask.sum() / distributed.all_sum(mb_mask.sum())  # of the minibatch's tokens; 1 in one process
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp["logprobs"][mb], exp["advantages"][mb],
@@ -336,18 +376,36 @@ def ppo_step(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ex
     return metrics
 
 
+def _served_pair_cycle(served: list[dict] | None, per_iteration: int, seed: int):
+    """Endless slices of `per_iteration` voted pairs (each the list of its two rows), shuffled, then again; empty
+    slices when there are none or `per_iteration` is 0."""
+    pairs = {}
+    for row in served or []:
+        pairs.setdefault(row["pair"], []).append(row)
+    pairs = list(pairs.values())
+    if not pairs or per_iteration <= 0:
+        return itertools.repeat([])
+    random.Random(seed + 1).shuffle(pairs)                      # its own generator: the prompt picks stay as they were
+    size = min(per_iteration, len(pairs))
+    return ([pairs[(start + i) % len(pairs)] for i in range(size)] for start in itertools.count(0, size))
+
+
 def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[list[dict]],
               reward_fn: Callable[[list[list[dict]], list[str]], Tensor], cfg: PPOConfig,
               progress: Callable[[dict], None] | None = None,
               ptx_batches: tuple[list[dict], Callable[[list[dict]], Tensor]] | None = None,
-              *, seed: int = 0, max_context_tokens: int = 2048) -> dict:
+              *, seed: int = 0, max_context_tokens: int = 2048, pace: Callable[[], object] | None = None,
+              served: list[dict] | None = None) -> dict:
     """Run cfg.iterations PPO iterations on the prompts; returns the last iteration's metrics plus time totals.
 
     Args:
         reward_fn: (prompt messages per row, answer texts) -> scores (batch,), higher is better.
         ptx_batches: (demonstrations, loss_fn) for PPO-ptx: each minibatch adds cfg.ptx_coef · loss_fn(a shuffled
             slice of minibatch_size demonstrations), e.g. trainer.sft.sft_loss. Used when cfg.ptx_coef > 0.
+        pace: called before each rollout, experience and minibatch (trainer/threads.py: borrow the idle server's core).
+        served: rows of voted answer pairs (`served_rows`); each iteration adds cfg.served_pairs of them, cycled.
     """
+    pace = pace or (lambda: None)
     if not prompts_messages or cfg.temperature <= 0:
         raise ValueError("PPO needs at least one prompt and a sampling temperature > 0")
     device = next(policy.parameters()).device
@@ -368,6 +426,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         ptx_loss = lambda: demo_loss_fn(next(slices))           # noqa: E731
     metrics: dict = {"time/rollout_s": 0.0, "time/update_s": 0.0}
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    served_pairs = _served_pair_cycle(served, cfg.served_pairs, seed)
     loop_started = time.perf_counter()
     for iteration in range(cfg.iterations):
         if cfg.max_minutes > 0 and iteration > 0:                # the cycle's budget: an iteration costs about the last
@@ -378,34 +437,43 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
                 break
         # 1. rollout: pick prompts, answer each samples_per_prompt times, score the answers
         started = time.perf_counter()
+        pace()
         many = len(prompt_ids) >= cfg.rollout_prompts
         picks = rng.sample(range(len(prompt_ids)), cfg.rollout_prompts) if many else \
             rng.choices(range(len(prompt_ids)), k=cfg.rollout_prompts)
         rows = [i for i in picks for _ in range(cfg.samples_per_prompt)]
-        batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000)
+        extra = [row for pair in next(served_pairs) for row in pair]   # answers users saw: no sampling needed
+        batch = rollout(policy, tokenizer, [prompt_ids[i] for i in rows], cfg, seed=seed * 1_000_003 + iteration * 1000,
+                        served=extra)
         generated = time.perf_counter()
-        raw_scores = torch.as_tensor(reward_fn([prompts_messages[i] for i in rows], batch["texts"])).detach().float()
-        scores = prompt_baseline(raw_scores, torch.tensor(rows)) if cfg.baseline_per_prompt else raw_scores
+        messages = [prompts_messages[i] for i in rows] + [row["prompt_messages"] for row in extra]
+        all_scores = torch.as_tensor(reward_fn(messages, batch["texts"])).detach().float()
+        groups = torch.tensor(rows + [len(prompt_ids) + row["pair"] for row in extra])   # a pair shares its prompt
+        scores = prompt_baseline(all_scores, groups) if cfg.baseline_per_prompt else all_scores
+        fresh = slice(0, len(rows))                             # the policy's own answers: what its metrics describe
+        raw_scores = all_scores[fresh]
         scored = time.perf_counter()
         # 2. experience: old and reference logprobs, values, rewards, advantages
+        pace()
         exp = make_experience(policy, value_head, batch, scores, cfg, score_stats, kl_coef=kl_ctl.value)
-        kl_ctl.update(exp["kl"].sum(1).mean().item(), len(rows))   # β for the next batch
+        kl_ctl.update(exp["kl"][fresh].sum(1).mean().item(), len(rows))   # β for the next batch
         rollout_s = time.perf_counter() - started
         for key, seconds in (("generate", generated - started), ("score", scored - generated),
                              ("experience", started + rollout_s - scored)):
             metrics[f"time/{key}_s"] = metrics.get(f"time/{key}_s", 0.0) + seconds   # the rollout's three parts
         # 3. update: epochs of clipped PPO on shuffled minibatches
         started = time.perf_counter()
-        update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_loss)
+        update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_loss, pace)
         update_s = time.perf_counter() - started
         metrics["time/rollout_s"] += rollout_s
         metrics["time/update_s"] += update_s
         metrics.update(update)
         metrics.update({
             "objective/score": raw_scores.mean().item(),
-            "objective/kl": exp["kl"].sum(1).mean().item(),     # nats per answer
-            "objective/length": exp["response_lengths"].float().mean().item(),
-            "objective/eos_rate": exp["ended_with_eos"].float().mean().item(),
+            "objective/kl": exp["kl"][fresh].sum(1).mean().item(),     # nats per answer
+            "objective/length": exp["response_lengths"][fresh].float().mean().item(),
+            "objective/eos_rate": exp["ended_with_eos"][fresh].float().mean().item(),
+            "objective/served_rows": len(extra),
             "objective/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "objective/kl_coef": kl_ctl.value, "ppo/iterations": iteration + 1})
         if iteration == 0:
