@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--votes", type=positive_int, default=100, help="votes per cycle (default 100)")
     p.add_argument("--cycles", type=positive_int, default=1, help="rounds of votes + retraining (default 1)")
     p.add_argument("--server", help="vote through a running app's HTTP API at this URL instead")
+    p.add_argument("--no-retrain", dest="retrain", action="store_false",
+                   help="only vote (in-process): copy the database afterwards to retrain arms on the same votes")
     p = command("evaluate", "win rates of one policy against another, raw and length-controlled, by one or more judges")
     p.add_argument("--oracle", action="append", required=True, metavar="JUDGE",
                    help=f"a built-in judge ({', '.join(BUILTIN)}) or module:function; repeat it or give a "
@@ -150,8 +152,10 @@ def main(argv=None):
     elif args.command == "simulate":
         from trainer.simulate import simulate
 
+        if args.server and not args.retrain:
+            raise SystemExit("simulate: --no-retrain is for the in-process loop; a server retrains on its schedule")
         simulate(config, oracle=args.oracle, prompts_file=args.prompts, votes=args.votes, cycles=args.cycles,
-                 server=args.server)
+                 server=args.server, retrain_after=args.retrain)
     elif args.command == "evaluate":
         from trainer.evaluate import evaluate_cli
 

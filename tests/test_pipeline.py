@@ -117,3 +117,21 @@ def test_a_cycle_trains_on_the_voted_answers_and_borrows_an_idle_servers_core(ti
     assert summary["ppo/served_pairs_available"] == len(voted - {json.dumps(m) for m in gate}) > 0
     assert summary["objective/served_rows"] == 4                # 2 pairs, both answers, each iteration
     assert summary["time/borrowed_share"] > 0                   # the first look waits; the later ones borrowed
+
+
+def test_simulate_no_retrain_only_votes(tmp_path):
+    """`simulate --no-retrain` collects the votes and stops: copies of that database are arms for `retrain`."""
+    import subprocess
+    import sys
+
+    from chat_app.store import Store
+
+    db = tmp_path / "votes.db"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "run.py", "simulate", "--config", "configs/tiny.yaml", "--db", str(db),
+                          "--set", f"serve.adapters_dir={tmp_path / 'adapters'}", "--oracle", "shorter", "--votes", "4",
+                          "--no-retrain"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sum(json.loads(out.stdout.strip().splitlines()[-1])["votes"].values()) == 4
+    store = Store(db)
+    assert store.vote_counts()["total"] == 4 and store.runs() == [] and store.versions() == []

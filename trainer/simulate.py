@@ -39,7 +39,8 @@ def collect_votes(store, engine, judge, prompts: list[str], votes: int, sampling
     return tally
 
 
-def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycles: int, server: str | None = None):
+def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycles: int, server: str | None = None,
+             retrain_after: bool = True):
     judge = load_oracle(oracle)
     prompts = load_prompts(prompts_file or config.schedule.seed_prompts)
     if server:
@@ -77,6 +78,11 @@ def simulate(config, *, oracle: str, prompts_file: str | None, votes: int, cycle
                               batch=config.serve.max_batch_requests, seed=cycle, candidates=config.serve.candidates,
                               picker=picker)
         vote_s = time.perf_counter() - t0
+        if not retrain_after:                                   # votes only: arms of `retrain` on copies of the db
+            line = {"cycle": cycle, "votes": tally, "time/votes_s": round(vote_s, 1), "serving": engine.version}
+            print(json.dumps(line), flush=True)
+            summaries.append(line)
+            continue
         summary = retrain(config, promote=True)
         if summary.get("promoted"):
             engine.swap(str(config.serve.adapters_dir) + "/" + summary["version"], summary["version"])
