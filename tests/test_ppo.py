@@ -300,7 +300,7 @@ def test_ppo_learns_from_voted_answers_it_never_sampled(tokenizer):
     rows = served_rows(tokenizer, pairs, max_prompt_tokens=100, response_length=12)
     policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
 
-    def margin():                                               # Σ log π(chosen) − Σ log π(rejected), over the pairs
+    def margin():                                               # Σ log π(chosen) − Σ log π(rejected)
         batch = ppo.pack_query_response([r["prompt_ids"] for r in rows], [r["answer_ids"] for r in rows],
                                         tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
@@ -343,7 +343,8 @@ def test_cached_frozen_layers_give_the_whole_forwards_numbers_and_gradients(toke
             ref, _ = forward_logprobs_values(policy, None, ids, attention, ctx, 0.7, cached, count)
         results.append((logprobs.detach(), values.detach(), grads, ref))
     (whole, whole_values, whole_grads, whole_ref), (part, part_values, part_grads, part_ref) = results
-    assert torch.allclose(whole[mask], part[mask], atol=1e-5) and torch.allclose(whole_ref[mask], part_ref[mask], atol=1e-5)
+    assert torch.allclose(whole[mask], part[mask], atol=1e-5)
+    assert torch.allclose(whole_ref[mask], part_ref[mask], atol=1e-5)
     assert torch.allclose(whole_values[mask], part_values[mask], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole_grads, part_grads))
     assert (whole - whole_ref)[mask].abs().max() > 1e-3         # the adapter acts above the cached layers

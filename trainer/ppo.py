@@ -217,7 +217,7 @@ def forward_logprobs_values(policy, value_head: ValueHead | None, query_response
     resp_len = query_response_ids.shape[1] - context_length
     if lower is not None:                                          # the frozen lower layers ran once already
         hidden, lm_head = upper_forward(policy, lower, attention_mask, lower_layers)
-        hidden = hidden[:, context_length - 1:-1]                  # (batch, resp_len, hidden): the state before each token
+        hidden = hidden[:, context_length - 1:-1]                  # (batch, resp_len, hidden): state before each token
         logits = lm_head(hidden)
     else:
         out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -275,8 +275,9 @@ def rollout(policy, tokenizer, prompts: list[list[int]], cfg: PPOConfig, seed: i
 
 
 def served_rows(tokenizer, pairs: list[dict], max_prompt_tokens: int, response_length: int) -> list[dict]:
-    """Both answers of each voted pair as rollout rows: prompt_messages, prompt_ids, answer_ids (the text tokenised again, at most
-    `response_length`), ended_with_eos, text, and `pair` (its index: the two answers share a prompt baseline)."""
+    """Both answers of each voted pair as rollout rows: prompt_messages, prompt_ids, answer_ids (the text tokenised
+    again, at most `response_length`), ended_with_eos, text, and `pair` (its index: the two answers share a prompt
+    baseline)."""
     rows = []
     for index, pair in enumerate(pairs):
         prompt_ids = encode_prompt(tokenizer, pair["prompt_messages"], max_prompt_tokens)[0]
