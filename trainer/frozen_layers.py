@@ -43,6 +43,7 @@ def _only_layers(decoder, layers: slice, final_norm: bool):
 
 
 def positions(attention_mask: Tensor) -> Tensor:
+    """(batch, T) position ids of left-padded rows: each row counts from its first real token."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)            # left padding must not shift positions
 
 

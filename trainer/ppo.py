@@ -22,7 +22,7 @@ from chat_app.config import LoraConfig, PPOConfig
 from chat_app.decoding import decode, left_pad
 from chat_app.packed import policy_copy
 from trainer import distributed
-from trainer.frozen_layers import frozen_layer_count, lower_hidden, upper_forward
+from trainer.frozen_layers import frozen_layer_count, lower_hidden, positions, upper_forward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -213,15 +213,14 @@ def forward_logprobs_values(policy, value_head: ValueHead | None, query_response
     Rows are left-padded prompts of width `context_length` followed by right-padded responses. `lower` is the output
     of the first `lower_layers` decoder layers for these rows (trainer/frozen_layers.py): only the layers above run.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)    # left padding must not shift positions
     resp_len = query_response_ids.shape[1] - context_length
     if lower is not None:                                          # the frozen lower layers ran once already
         hidden, lm_head = upper_forward(policy, lower, attention_mask, lower_layers)
         hidden = hidden[:, context_length - 1:-1]                  # (batch, resp_len, hidden): state before each token
         logits = lm_head(hidden)
     else:
-        out = policy(input_ids=query_response_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     output_hidden_states=value_head is not None, use_cache=False,
+        out = policy(input_ids=query_response_ids, attention_mask=attention_mask,
+                     position_ids=positions(attention_mask), output_hidden_states=value_head is not None, use_cache=False,
                      logits_to_keep=resp_len + 1)                  # no logits over the prompt: the vocab is large
         logits = out.logits[:, :-1]                                # (batch, resp_len, vocab); position t predicts t+1
         hidden = out.hidden_states[-1][:, context_length - 1:-1] if value_head is not None else None
