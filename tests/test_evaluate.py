@@ -138,8 +138,13 @@ def test_gate_figures_separate_a_pure_length_gain_from_a_real_one():
     assert unsure["eval/reward_gain_std"] > better["eval/reward_gain_std"]
     passed, reason = gate_decision(stats(serving_lengths, 0.5, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
     assert passed and "at equal length" in reason
-    passed, reason = gate_decision(stats(serving_lengths, 0.01, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
+    close = stats(serving_lengths, 0.01, 0.0), stats(serving_lengths, 0.0, 0.0)   # a gain inside its uncertainty
+    passed, reason = gate_decision(*close, GateConfig(min_gain_in_std=1.0))
     assert not passed and "uncertainty" in reason
+    passed, reason = gate_decision(*close, GateConfig())          # by default any positive gain goes to the canary
+    assert passed == (gate_figures(*close)["eval/reward_gain"] > 0)
+    passed, reason = gate_decision(stats(serving_lengths, -0.2, 0.0), stats(serving_lengths, 0.0, 0.0), GateConfig())
+    assert not passed and "reward gain is not above 0.0" in reason
     same = [64] * 16                                                  # every answer cut at the same length
     even = gate_figures(stats(same, 0.5, 0.0), stats(same, 0.0, 0.0))
     assert abs(even["eval/reward_gain_lc"] - even["eval/reward_gain"]) < 1e-5 and even["eval/reward_per_length_std"] == 0.0
