@@ -16,7 +16,7 @@ PROMPTS = [f"Tell me about {t}." for t in TOPICS] + [f"Why do people like {t}?" 
 # tests/test_ppo.py): answers then differ in which tokens they use, and so in how many characters they have.
 SAMPLING = ["ppo.temperature=0.3", "ppo.top_k=50", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2",
             "ppo.minibatch_size=4", "ppo.epochs=2", "ppo.learning_rate=0.002", "ppo.target_kl=0",
-            "ppo.kl_coef=0.01", "ppo.iterations=12", "ppo.max_minutes=0", "ppo.cycle_minutes=0",
+            "ppo.kl_coef=0.01", "ppo.kl_budget=0", "ppo.iterations=12", "ppo.max_minutes=0", "ppo.cycle_minutes=0",
             "reward.min_pairs=8"]
 
 

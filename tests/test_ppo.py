@@ -241,7 +241,7 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
         pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (in the test extra)")
     cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
                    "ppo.epochs=2", "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
-                   "ppo.target_kl=0", f"model.quantization={quantization}")
+                   "ppo.target_kl=0", "ppo.kl_budget=0", f"model.quantization={quantization}")
     policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
     history = []
 
@@ -258,6 +258,22 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert end > start + 0.15, scores                            # seen: about 0.14 -> 0.45 and up
     assert 0.5 < metrics["objective/kl"] < 40                    # it moved, but stayed near the base
+
+
+def test_kl_budget_stops_the_cycle_once_the_rollouts_reach_it(tokenizer):
+    """ppo.kl_budget: no iteration starts after a batch of rollouts was that far (nats per answer) from the base."""
+    cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
+                   "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
+                   "ppo.target_kl=0", "ppo.kl_budget=0.3")
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    history = []
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS,
+                        lambda messages, texts: torch.tensor([t.count(" ") / max(len(t), 1) for t in texts]),
+                        cfg.ppo, progress=history.append, seed=0)
+    kls = [h["objective/kl"] for h in history]
+    assert 1 < len(kls) < 15, kls                                # it moved, then stopped short of the cap
+    assert kls[-1] >= 0.3 and all(kl < 0.3 for kl in kls[:-1]), kls
+    assert metrics["ppo/stopped_by_kl_budget"] == 1.0 and metrics["ppo/iterations"] == len(kls)
 
 
 def test_prompt_baseline_is_leave_one_out_within_a_prompt():

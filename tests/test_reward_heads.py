@@ -78,6 +78,25 @@ def test_uncertainty_is_higher_away_from_the_training_data(trained, tokenizer):
     assert far.mean() > 1.5 * near.mean()
 
 
+def test_ppo_reward_pays_less_where_the_heads_disagree(trained):
+    """reward.ppo_uncertainty_penalty: PPO's reward is the heads' mean less κ times their spread, so an answer unlike
+    the voted ones (the heads disagree) earns less than its mean score; the gate and evaluation keep the mean."""
+    rm, _ = trained
+    pairs = separable_pairs(60)
+    rng = random.Random(3)
+    words = ["qzx", "Ωμέγα", "1234567", "#{}[]", "lorem", "ipsum", "ÆØÅ", "汉字", "zzz", "→→"]
+    strange = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(20)]
+    prompts = [p["prompt_messages"] for p in pairs[:20]] + [[{"role": "user", "content": "?"}]] * 20
+    answers = [p["chosen"] for p in pairs[:20]] + strange
+    mean, spread = rm.score_with_uncertainty(prompts, answers)
+    plain = HeadRewardModel(rm.backbone, rm.tokenizer, rm.ensemble, rm.max_length)
+    careful = HeadRewardModel(rm.backbone, rm.tokenizer, rm.ensemble, rm.max_length, ppo_uncertainty_penalty=1.0)
+    assert torch.allclose(plain.ppo_score(prompts, answers), mean, atol=1e-5)
+    penalty = mean - careful.ppo_score(prompts, answers)
+    assert torch.allclose(penalty, spread, atol=1e-5)
+    assert penalty[20:].mean() > 1.5 * penalty[:20].mean()       # far from the votes, the score is trusted less
+
+
 def test_scores_are_the_base_models_even_over_a_policy_adapter(cfg, tokenizer, trained):
     """The pipeline hands the policy (base + LoRA) as the backbone: features must ignore the adapter."""
     from trainer.ppo import make_policy

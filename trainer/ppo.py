@@ -489,5 +489,10 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             progress({"stage": "ppo", "step": iteration + 1, "steps": cfg.iterations,
                       **{k: metrics[k] for k in ("objective/score", "objective/kl", "objective/length", "ppo/loss",
                                                  "ppo/approx_kl", "ppo/clipfrac", "objective/kl_coef")}})
+        if cfg.kl_budget > 0 and distributed.broadcast_object(metrics["objective/kl"] >= cfg.kl_budget):
+            print(f"ppo: stopping after {iteration + 1} iterations: the rollouts' KL to the base "  # the cycle's leash
+                  f"({metrics['objective/kl']:.1f} nats) reached ppo.kl_budget ({cfg.kl_budget:g})", flush=True)
+            metrics["ppo/stopped_by_kl_budget"] = 1.0
+            break
     return metrics
 
