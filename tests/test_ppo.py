@@ -32,6 +32,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def space_share(messages, texts):
+    """A rule reward: the share of each answer's characters that are spaces."""
+    return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
+
+
+# The tiny random model learns a rule reward at a low temperature from its top tokens (see the test below).
+SPACE_SAMPLING = ("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
+                  "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
+                  "ppo.target_kl=0")
+
+
 def tiny_cfg(*overrides):
     return load_config(TINY, list(overrides))
 
@@ -239,14 +250,9 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
     # The same bar on a bitsandbytes 4-bit base (QLoRA-style; bitsandbytes runs NF4 on CPU too).
     if quantization != "none":
         pytest.importorskip("bitsandbytes", reason="the 4-bit path needs bitsandbytes (in the test extra)")
-    cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
-                   "ppo.epochs=2", "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
-                   "ppo.target_kl=0", "ppo.kl_budget=0", f"model.quantization={quantization}")
+    cfg = tiny_cfg(*SPACE_SAMPLING, "ppo.epochs=2", "ppo.kl_budget=0", f"model.quantization={quantization}")
     policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
     history = []
-
-    def space_share(messages, texts):
-        return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
 
     metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
                         progress=history.append, seed=0)
@@ -262,14 +268,11 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
 
 def test_kl_budget_stops_the_cycle_once_the_rollouts_reach_it(tokenizer):
     """ppo.kl_budget: no iteration starts after a batch of rollouts was that far (nats per answer) from the base."""
-    cfg = tiny_cfg("ppo.iterations=15", "ppo.rollout_prompts=8", "ppo.samples_per_prompt=2", "ppo.minibatch_size=8",
-                   "ppo.temperature=0.3", "ppo.top_k=50", "ppo.learning_rate=0.002", "ppo.kl_coef=0.01",
-                   "ppo.target_kl=0", "ppo.kl_budget=0.3")
+    cfg = tiny_cfg(*SPACE_SAMPLING, "ppo.kl_budget=0.3")
     policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
     history = []
-    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS,
-                        lambda messages, texts: torch.tensor([t.count(" ") / max(len(t), 1) for t in texts]),
-                        cfg.ppo, progress=history.append, seed=0)
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
+                        progress=history.append, seed=0)
     kls = [h["objective/kl"] for h in history]
     assert 1 < len(kls) < 15, kls                                # it moved, then stopped short of the cap
     assert kls[-1] >= 0.3 and all(kl < 0.3 for kl in kls[:-1]), kls
@@ -324,9 +327,6 @@ def test_ppo_learns_from_voted_answers_it_never_sampled(tokenizer):
                                                   batch["context_length"], cfg.ppo.temperature)
         totals = (logprobs * response_mask(batch["response_lengths"], logprobs.shape[1])).sum(1)
         return (totals[0::2] - totals[1::2]).sum().item()
-
-    def space_share(messages, texts):
-        return torch.tensor([t.count(" ") / max(len(t), 1) for t in texts])
 
     before = margin()
     metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS[:1], space_share, cfg.ppo,

@@ -58,6 +58,13 @@ def test_learns_separable_pairs_on_prompts_it_never_saw(trained):
     assert 0 <= metrics["rm/ece"] <= 0.5 and metrics["rm/l2"] in load_config(TINY).reward.l2_grid
 
 
+def strange_answers(n: int, seed: int = 3) -> list[str]:
+    """Answers unlike any voted one: random runs of odd tokens."""
+    rng = random.Random(seed)
+    words = ["qzx", "Ωμέγα", "1234567", "#{}[]", "lorem", "ipsum", "ÆØÅ", "汉字", "zzz", "→→"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(n)]
+
+
 def test_calibration_by_hand():
     probabilities = torch.tensor([0.9, 0.9, 0.6, 0.6])
     correct = torch.tensor([True, False, True, True])
@@ -71,9 +78,7 @@ def test_uncertainty_is_higher_away_from_the_training_data(trained, tokenizer):
     rm, _ = trained
     pairs = separable_pairs(60)
     near = rm.score_with_uncertainty([p["prompt_messages"] for p in pairs[:20]], [p["chosen"] for p in pairs[:20]])[1]
-    rng = random.Random(3)
-    words = ["qzx", "Ωμέγα", "1234567", "#{}[]", "lorem", "ipsum", "ÆØÅ", "汉字", "zzz", "→→"]
-    strange = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(20)]
+    strange = strange_answers(20)
     far = rm.score_with_uncertainty([[{"role": "user", "content": "?"}]] * 20, strange)[1]
     assert far.mean() > 1.5 * near.mean()
 
@@ -83,9 +88,7 @@ def test_ppo_reward_pays_less_where_the_heads_disagree(trained):
     the voted ones (the heads disagree) earns less than its mean score; the gate and evaluation keep the mean."""
     rm, _ = trained
     pairs = separable_pairs(60)
-    rng = random.Random(3)
-    words = ["qzx", "Ωμέγα", "1234567", "#{}[]", "lorem", "ipsum", "ÆØÅ", "汉字", "zzz", "→→"]
-    strange = [" ".join(rng.choice(words) for _ in range(rng.randint(30, 60))) for _ in range(20)]
+    strange = strange_answers(20)
     prompts = [p["prompt_messages"] for p in pairs[:20]] + [[{"role": "user", "content": "?"}]] * 20
     answers = [p["chosen"] for p in pairs[:20]] + strange
     mean, spread = rm.score_with_uncertainty(prompts, answers)
