@@ -152,6 +152,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
+    warm_start: bool = True
+    """Start the policy from the serving version's adapter (and value head); false starts each cycle's policy from
+    the base, so the newest reward model gets the whole `kl_budget`, which counts from the base either way."""
     iterations: int = 40
     """The most PPO iterations a cycle runs; `max_minutes` usually stops it first."""
     max_minutes: float = 10.0
@@ -189,20 +192,30 @@ class PPOConfig:
     every epoch (trainer/frozen_layers.py): the same numbers, a quarter less compute in PPO's forwards."""
     fast_rollouts: bool = True
     """Sample rollouts with the packed copy of the current policy (CPU fp32 Llamas; chat_app/packed.py)."""
-    learning_rate: float = 5e-4
-    """A cycle affords a few dozen updates on CPU; the adaptive KL target, the clip and `target_kl` keep each in check,
-    `kl_budget` the cycle. Measured in one cold cycle with κ 1 (issue 12): from 150 `readable` votes 5e-4 gave 0.72
-    and 0.69 under the voters' judge (two vote sets) and 1e-3 0.56-0.67, running to 15 nats on longer or shorter
-    answers; from 300 votes 5e-4 gave 0.66-0.69 (KL 5) and 1e-3 0.75-0.83 (KL 12). 1e-3 suits a reward model of
-    300 votes and more, not a first one."""
+    learning_rate: float = 1e-3
+    """The step once the reward model has `full_step_pairs` decided votes (`step_size`). A cycle affords a few dozen
+    updates on CPU; the adaptive KL target, the clip and `target_kl` keep each in check, `kl_budget` the cycle.
+    Measured in one cold cycle with κ 1 (issue 12): from 150 `readable` votes 5e-4 gave 0.72 and 0.69 under the
+    voters' judge (two vote sets) and 1e-3 0.56-0.67, running to 15 nats on longer or shorter answers; from 300
+    votes 5e-4 gave 0.66-0.69 (KL 5) and 1e-3 0.75-0.83 (KL 12)."""
+    full_step_pairs: int = 220
+    """Decided votes (ties apart) from which PPO takes the whole `learning_rate`; fewer scale it down in proportion,
+    to `min_step_share` of it at most (150 votes held 107-113 decided pairs: 5e-4; 300 held 222-229: 1e-3). 0 keeps
+    `learning_rate` whatever the votes."""
+    min_step_share: float = 0.5
     kl_coef: float = 0.05
     """β in the per-token penalty β·(logp − logp_ref), the starting value when `kl_target` is set."""
     kl_target: float = 6.0
     """Adaptive β: the KL to the base (nats per answer) it steers towards [Ziegler et al. 2019]; 0 keeps β fixed."""
     kl_budget: float = 10.0
-    """Stop starting PPO iterations once a batch of rollouts is this many nats per answer from the base (0: no limit):
-    the leash of a whole cycle (issue 12 asks for <= 10; the gate rejects past `gate.max_kl`, 15). One update can
-    still carry it past: at step 1e-3 from 150 votes, rollouts went from 9.4 to 15.1 nats in one iteration."""
+    """The cycle's ceiling on the KL to the base (nats per answer; issue 12 asks for <= 10; 0: none): once a batch of
+    rollouts reaches it, PPO undoes the update that carried it there and goes on from the policy whose rollouts
+    were within it at half the step (`kl_backtracks` times); it stops when there is no update to undo (that policy
+    measured past it again, or a warm start already there). The update of the cycle's last iteration is not
+    measured again: the gate's KL is the check. Stopping after the update that crossed instead let one iteration
+    go from 9.4 to 15.1 nats (1e-3, 150 votes). A warm cycle counts from the base too."""
+    kl_backtracks: int = 2
+    """Updates the ceiling may undo before PPO stops rather than halve its step again (0: stop at the first)."""
     kl_horizon: int = 400
     """Adaptive β: answers over which a KL error of 20% changes β by 20%."""
     no_eos_penalty: float = 1.0

@@ -68,6 +68,27 @@ def test_the_cycle_budget_shortens_ppo_not_the_cycle(tiny_config):
     assert summary["ppo/iterations"] == 1, summary["ppo/iterations"]
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_a_second_cycle_starts_from_the_serving_policy_or_afresh_from_the_base(tiny_config, warm_start):
+    """ppo.warm_start: the next cycle's policy is the serving version's adapter, or a new one (the base's answers,
+    KL 0 on the first rollouts); either way the gate weighs the candidate against the serving version."""
+    from chat_app.store import Store
+    from trainer.pipeline import retrain
+
+    tiny_config.ppo.iterations, tiny_config.ppo.kl_budget = 3, 0.0
+    tiny_config.ppo.learning_rate, tiny_config.ppo.full_step_pairs = 0.01, 0   # a first cycle that moves
+    store = Store(tiny_config.serve.db_path)
+    add_votes(store, 16)
+    first = retrain(tiny_config)
+    store.mark_serving(first["version"], actor="test", action="promote")
+    assert first["objective/kl_initial"] == 0.0 and first["objective/kl"] > 0
+    tiny_config.ppo.warm_start = warm_start
+    add_votes(store, 8)
+    second = retrain(tiny_config)
+    assert (second["objective/kl_initial"] > 0) == warm_start, second["objective/kl_initial"]
+    assert store.version(second["version"])["parent"] == first["version"]   # gated against the serving version
+
+
 def test_evaluate_counts_every_comparison(tiny_config, tmp_path):
     from trainer.evaluate import evaluate_cli
 
