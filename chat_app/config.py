@@ -192,17 +192,12 @@ class PPOConfig:
     every epoch (trainer/frozen_layers.py): the same numbers, a quarter less compute in PPO's forwards."""
     fast_rollouts: bool = True
     """Sample rollouts with the packed copy of the current policy (CPU fp32 Llamas; chat_app/packed.py)."""
-    learning_rate: float = 1e-3
-    """The step once the reward model has `full_step_pairs` decided votes (`step_size`). A cycle affords a few dozen
-    updates on CPU; the adaptive KL target, the clip and `target_kl` keep each in check, `kl_budget` the cycle.
-    Measured in one cold cycle with κ 1 (issue 12): from 150 `readable` votes 5e-4 gave 0.72 and 0.69 under the
-    voters' judge (two vote sets) and 1e-3 0.56-0.67, running to 15 nats on longer or shorter answers; from 300
-    votes 5e-4 gave 0.66-0.69 (KL 5) and 1e-3 0.75-0.83 (KL 12)."""
-    full_step_pairs: int = 220
-    """Decided votes (ties apart) from which PPO takes the whole `learning_rate`; fewer scale it down in proportion,
-    to `min_step_share` of it at most (150 votes held 107-113 decided pairs: 5e-4; 300 held 222-229: 1e-3). 0 keeps
-    `learning_rate` whatever the votes."""
-    min_step_share: float = 0.5
+    learning_rate: float = 5e-4
+    """A cycle affords a few dozen updates on CPU; the adaptive KL target, the clip and `target_kl` keep each in check,
+    `kl_budget` the cycle. Measured in one cold cycle with κ 1 (issue 12): from 150 `readable` votes 5e-4 gave 0.72
+    and 0.69 under the voters' judge (two vote sets) and 1e-3 0.56-0.67; from 300 votes 5e-4 gave 0.66-0.69 (KL 5)
+    and 1e-3 0.75-0.83, but at 12 nats: under the 10-nat ceiling 1e-3 from 300 votes gave 0.51, 0.66, 0.67 and 0.71
+    (the policies at 6.6-8.6 nats), no more than 5e-4."""
     kl_coef: float = 0.05
     """β in the per-token penalty β·(logp − logp_ref), the starting value when `kl_target` is set."""
     kl_target: float = 6.0

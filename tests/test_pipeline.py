@@ -76,7 +76,7 @@ def test_a_second_cycle_starts_from_the_serving_policy_or_afresh_from_the_base(t
     from trainer.pipeline import retrain
 
     tiny_config.ppo.iterations, tiny_config.ppo.kl_budget = 3, 0.0
-    tiny_config.ppo.learning_rate, tiny_config.ppo.full_step_pairs = 0.01, 0   # a first cycle that moves
+    tiny_config.ppo.learning_rate = 0.01                       # a first cycle that moves
     store = Store(tiny_config.serve.db_path)
     add_votes(store, 16)
     first = retrain(tiny_config)

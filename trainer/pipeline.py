@@ -60,7 +60,7 @@ def retrain(config: Config, run_id: int | None = None, promote: bool | None = No
 def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     from chat_app.model import load_model, load_tokenizer
     from trainer.evaluate import gate_decision, gate_figures, policy_stats
-    from trainer.ppo import load_value_head, make_policy, save_policy, served_rows, step_size, train_ppo, ValueHead
+    from trainer.ppo import load_value_head, make_policy, save_policy, served_rows, train_ppo, ValueHead
     from trainer.reward import train_reward_model
     from trainer.sft import sft_loss, train_sft
     from trainer.threads import core_borrower
@@ -145,12 +145,10 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
               and json.dumps(p["prompt_messages"]) not in held_out] if config.ppo.served_pairs > 0 else []
     served = served_rows(tokenizer, served, max_prompt, config.ppo.response_length)
     metrics["ppo/served_pairs_available"] = len(served) // 2
-    ppo_cfg = replace(config.ppo, learning_rate=step_size(config.ppo, len(pairs)))   # more decided votes: a larger step
-    metrics["ppo/learning_rate"] = ppo_cfg.learning_rate
     distributed.broadcast_object({"prompts": train_prompts, "start_path": start_path, "seed": run_id,
-                                  "demos": demos if ptx else [], "served": served,
-                                  "learning_rate": ppo_cfg.learning_rate})   # what the others' PPO needs
+                                  "demos": demos if ptx else [], "served": served})   # what the others' PPO needs
     t0 = time.perf_counter()
+    ppo_cfg = config.ppo
     if ppo_cfg.cycle_minutes > 0:                           # what the cycle's budget leaves PPO, the gate set aside
         left = ppo_cfg.cycle_minutes - ppo_cfg.gate_reserve_minutes - (t0 - started) / 60
         if ppo_cfg.max_minutes <= 0 or left < ppo_cfg.max_minutes:   # rank 0's clock stops the others too
@@ -239,8 +237,7 @@ def _ppo_worker(config: Config) -> dict:
     value_head = (load_value_head(plan["start_path"], hidden) if plan["start_path"] else None) or ValueHead(hidden)
     max_prompt = config.model.max_context_tokens - config.ppo.response_length
     ptx = (plan["demos"], lambda batch: sft_loss(policy, tokenizer, batch, max_prompt)) if plan["demos"] else None
-    train_ppo(policy, value_head, tokenizer, plan["prompts"], distributed.scored_on_main(None),
-              replace(config.ppo, learning_rate=plan["learning_rate"]),
+    train_ppo(policy, value_head, tokenizer, plan["prompts"], distributed.scored_on_main(None), config.ppo,
               ptx_batches=ptx, seed=plan["seed"], max_context_tokens=config.model.max_context_tokens,
               served=plan["served"])
     distributed.finish()

@@ -390,15 +390,6 @@ def _served_pair_cycle(served: list[dict] | None, per_iteration: int, seed: int)
     return ([pairs[(start + i) % len(pairs)] for i in range(size)] for start in itertools.count(0, size))
 
 
-def step_size(cfg: PPOConfig, pairs: int) -> float:
-    """The step for a reward model fitted on `pairs` decided votes: `learning_rate` from `full_step_pairs` on, in
-    proportion below, never under `min_step_share` of it. The reward model's error shrinks with its votes, and the
-    policy can follow it further (issue 12: 1e-3 helped from 300 votes and hurt from 150)."""
-    if cfg.full_step_pairs <= 0:
-        return cfg.learning_rate
-    return cfg.learning_rate * min(1.0, max(cfg.min_step_share, pairs / cfg.full_step_pairs))
-
-
 def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[list[dict]],
               reward_fn: Callable[[list[list[dict]], list[str]], Tensor], cfg: PPOConfig,
               progress: Callable[[dict], None] | None = None,
