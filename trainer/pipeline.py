@@ -114,7 +114,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
         store.finish_run(run_id, "skipped", error=reason, metrics=metrics)
         return {"run_id": run_id, "status": "skipped", "reason": reason, **metrics}
 
-    # 3. the policy: LoRA over the base, warm-started from the serving adapter
+    # 3. the policy: LoRA over the base, warm-started from the serving adapter (unless ppo.warm_start is false)
     base = base if base is not None else load_model(config.model, tokenizer)
     parent_path = serving["adapter_path"] if serving and Path(serving["adapter_path"]).exists() else None
     start_path = parent_path if config.ppo.warm_start else None   # the serving policy, or the base afresh

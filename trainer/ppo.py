@@ -488,7 +488,8 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
             print(f"ppo: iteration {iteration + 1}: {what}; the last update undone, going on at step "
                   f"{optimizer.param_groups[0]['lr']:.2g}", flush=True)
             continue
-        before_update = [p.detach().clone() for p in params]   # what the ceiling restores (LoRA + value head: small)
+        if cfg.kl_budget > 0:                                   # what the ceiling restores (LoRA + value head: small)
+            before_update = [p.detach().clone() for p in params]
         # 3. update: epochs of clipped PPO on shuffled minibatches
         started = time.perf_counter()
         update = ppo_step(policy, value_head, optimizer, exp, cfg, generator, ptx_loss, pace)
