@@ -266,37 +266,35 @@ def test_ppo_raises_a_rule_based_reward_with_bounded_kl(tokenizer, quantization)
     assert 0.5 < metrics["objective/kl"] < 40                    # it moved, but stayed near the base
 
 
+def space_run(tokenizer, *overrides):
+    """PPO on the tiny model against `space_share` with SPACE_SAMPLING: (metrics, progress history, LoRA weights)."""
+    cfg = tiny_cfg(*SPACE_SAMPLING, *overrides)
+    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
+    history = []
+    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
+                        progress=history.append, seed=0)
+    return metrics, history, {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
 def test_kl_budget_is_a_ceiling_the_update_that_crossed_it_is_undone(tokenizer):
     """ppo.kl_budget: once a batch of rollouts is that far (nats per answer) from the base, PPO stops and keeps the
     policy from before the update that carried it there: the same weights as a run of one iteration fewer."""
-    def run(*overrides):
-        cfg = tiny_cfg(*SPACE_SAMPLING, *overrides)
-        policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
-        history = []
-        metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
-                            progress=history.append, seed=0)
-        lora = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        return metrics, [h["objective/kl"] for h in history], lora
-
-    metrics, kls, lora = run("ppo.kl_budget=4", "ppo.kl_backtracks=0")
+    metrics, history, lora = space_run(tokenizer, "ppo.kl_budget=4", "ppo.kl_backtracks=0")
+    kls = [h["objective/kl"] for h in history]
     assert 1 < len(kls) < 15 and all(kl < 4 for kl in kls), kls   # it moved, then stopped short of the cap
     assert metrics["ppo/stopped_by_kl_budget"] == 1.0 and metrics["objective/kl_over_budget"] >= 4
     assert metrics["ppo/updates_undone"] == 1 and metrics["ppo/iterations"] == len(kls) - 1
-    _, _, kept = run("ppo.kl_budget=0", f"ppo.iterations={len(kls) - 1}")
+    _, _, kept = space_run(tokenizer, "ppo.kl_budget=0", f"ppo.iterations={len(kls) - 1}")
     assert lora.keys() == kept.keys()
     assert all(torch.equal(lora[n], kept[n]) for n in lora)   # the last update undone, exactly
-    _, _, moved = run("ppo.kl_budget=0", f"ppo.iterations={len(kls)}")
+    _, _, moved = space_run(tokenizer, "ppo.kl_budget=0", f"ppo.iterations={len(kls)}")
     assert not all(torch.equal(lora[n], moved[n]) for n in lora)   # (the undone update did change the weights)
 
 
 def test_after_an_undone_update_ppo_goes_on_at_half_the_step(tokenizer):
     """ppo.kl_backtracks: after the ceiling undid an update, PPO goes on from the policy within it at half the step;
     every update it made started from rollouts within the ceiling."""
-    cfg = tiny_cfg(*SPACE_SAMPLING, "ppo.kl_budget=6", "ppo.kl_backtracks=2", "ppo.iterations=25")
-    policy = make_policy(tiny_model(cfg, tokenizer), cfg.lora)
-    history = []
-    metrics = train_ppo(policy, ValueHead(policy.config.hidden_size), tokenizer, PROMPTS, space_share, cfg.ppo,
-                        progress=history.append, seed=0)
+    metrics, history, _ = space_run(tokenizer, "ppo.kl_budget=6", "ppo.kl_backtracks=2", "ppo.iterations=25")
     kls, steps = [h["objective/kl"] for h in history], [h["step"] for h in history]   # one per update made
     assert all(kl < 6 for kl in kls), kls
     undone = metrics["ppo/updates_undone"]
