@@ -215,3 +215,30 @@ def test_evaluate_reports_how_a_reward_model_reads_the_judged_pairs(tiny_config,
     with pytest.raises(ValueError, match="no reward model"):
         evaluate_cli(tiny_config, oracles=["longer"], prompts_file=str(prompts), policy="base", against="base",
                      agreement_of="policy")
+
+
+def test_exact_kl_measures_what_the_sampled_log_ratio_does_with_less_spread(tokenizer):
+    # 96 answers of a policy whose adapter is not zero: both estimates of each answer's KL to the base must agree
+    # on average (the same expectation), and the base measured against itself is 0 both ways.
+    import torch
+
+    from chat_app.config import load_config
+    from chat_app.model import load_model
+    from conftest import nudged_policy
+    from trainer.evaluate import answer_kls, generate_answers
+
+    torch.manual_seed(0)
+    cfg = load_config("configs/tiny.yaml")
+    policy, _ = nudged_policy(load_model(cfg.model, tokenizer), cfg.lora, scale=0.3)
+    prompts = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(12)] * 8
+    _, prompt_ids, answers, ended = generate_answers(policy, tokenizer, prompts, max_new_tokens=8, temperature=0.7,
+                                                     top_k=0, seed=1)
+    answers = [a + [tokenizer.eos_token_id] * e for a, e in zip(answers, ended)]
+    sampled, exact = (torch.tensor(x) for x in answer_kls(policy, "default", prompt_ids, answers,
+                                                           tokenizer.pad_token_id, temperature=0.7))
+    assert (exact >= -1e-4).all() and exact.mean() > 0.2, exact.mean()       # the adapter moved the policy
+    difference = sampled - exact
+    assert abs(difference.mean()) < 3 * difference.std() / len(difference) ** 0.5, (sampled.mean(), exact.mean())
+    assert exact.std() < sampled.std(), (exact.std(), sampled.std())
+    base_sampled, base_exact = answer_kls(policy, None, prompt_ids[:8], answers[:8], tokenizer.pad_token_id)
+    assert max(map(abs, base_sampled + base_exact)) < 1e-5

@@ -14,7 +14,7 @@ from chat_app.decoding import TOP_K, decode
 from chat_app.packed import policy_copy
 from trainer.data import as_messages, load_prompts
 from trainer.oracles import load_oracle
-from trainer.ppo import forward_logprobs_values, pack_query_response
+from trainer.ppo import forward_logits_values, logprobs_from_logits, pack_query_response, response_mask, token_kl
 from trainer.ratings import OUTCOMES, length_controlled_win_rate, relative_length_difference, win_rate_summary
 
 
@@ -56,18 +56,27 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
 
 
 @torch.no_grad()
-def answer_logprobs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
-                    batch_size: int = 16, temperature: float = 1.0) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each answer given its prompt (logits / temperature); (answer_len,) each."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(prompt_ids), batch_size):
+def answer_kls(policy, adapter: str | None, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
+               batch_size: int = 4, temperature: float = 1.0) -> tuple[list[float], list[float]]:
+    """Each answer's KL to the base (logits / temperature), two ways: (sampled, exact). Sampled sums the log-ratio of
+    the tokens it holds, exact the KL of the whole next-token distributions at the same positions (`token_kl`): the
+    same expectation, less spread. `adapter` is the version that wrote the answers; the base is `policy` without it."""
+    device = next(policy.parameters()).device
+    sampled, exact = [], []
+    for start in range(0, len(prompt_ids), batch_size):          # a few rows: two (rows, tokens, vocab) tensors
         answers = answer_ids[start:start + batch_size]
         batch = pack_query_response(prompt_ids[start:start + batch_size], answers, pad_id, device)
-        logprobs, _ = forward_logprobs_values(model, None, batch["query_response"], batch["attention_mask"],
-                                              batch["context_length"], temperature)   # the same path as PPO's
-        out += [logprobs[row, :len(a)].cpu() for row, a in enumerate(answers)]
-    return out
+        args = (batch["query_response"], batch["attention_mask"], batch["context_length"], temperature)
+        with using_adapter(policy, adapter):
+            logits, _ = forward_logits_values(policy, None, *args)   # the same path as PPO's
+        with using_adapter(policy, None):
+            ref_logits, _ = forward_logits_values(policy, None, *args)
+        targets = batch["query_response"][:, batch["context_length"]:]
+        mask = response_mask(batch["response_lengths"], targets.shape[1])
+        log_ratio = logprobs_from_logits(logits, targets) - logprobs_from_logits(ref_logits, targets)
+        sampled += (log_ratio * mask).sum(1).tolist()
+        exact += (token_kl(logits, ref_logits) * mask).sum(1).tolist()
+    return sampled, exact
 
 
 def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], adapter: str | None, *,
@@ -75,19 +84,18 @@ def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], ada
                  temperature: float = 0.7) -> dict:
     """Mean RM score, KL to the base (nats per answer), length and EOS rate of one version's sampled answers.
 
-    Sampled as PPO samples (whole vocabulary, `temperature`), so the KL here is the KL that PPO penalised.
+    Sampled as PPO samples (whole vocabulary, `temperature`), so the KL here is the KL that PPO penalised: `kl` is
+    the exact per-position KL summed over each answer (`answer_kls`; 40 answers of a 300-vote policy spread 4.6 nats
+    per answer this way against 5.9 for the sampled log-ratio, whose mean is `kl_sampled`).
     """
     repeated = [p for p in prompts for _ in range(samples)]
     with using_adapter(policy, adapter):
         texts, prompt_ids, answer_ids, ended = generate_answers(
             policy, tokenizer, repeated, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature,
             max_prompt_tokens=max_prompt_tokens, top_k=0)
-        # the EOS token is part of the answer the policy chose: count its logprob too
-        with_eos = [a + [tokenizer.eos_token_id] * e for a, e in zip(answer_ids, ended)]
-        logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
-    with using_adapter(policy, None):
-        ref_logprobs = answer_logprobs(policy, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
-    kl = [float((lp - ref).sum()) for lp, ref in zip(logprobs, ref_logprobs)]
+    # the EOS token is part of the answer the policy chose: count its position too
+    with_eos = [a + [tokenizer.eos_token_id] * e for a, e in zip(answer_ids, ended)]
+    kl_sampled, kl = answer_kls(policy, adapter, prompt_ids, with_eos, tokenizer.pad_token_id, temperature=temperature)
     members = None
     if reward_model is None:
         scores = torch.zeros(len(texts))
@@ -97,6 +105,7 @@ def policy_stats(policy, tokenizer, reward_model, prompts: list[list[dict]], ada
     else:
         scores = reward_model.score(repeated, texts)
     return {"score": float(scores.float().mean()), "scores": scores.float().tolist(), "kl": sum(kl) / len(kl),
+            "kl_sampled": sum(kl_sampled) / len(kl_sampled),
             "member_scores": members.tolist() if members is not None else None,
             "lengths": [len(a) for a in answer_ids],
             "length": sum(len(a) for a in answer_ids) / len(answer_ids), "eos_rate": sum(ended) / len(ended),

@@ -187,6 +187,7 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     wins = [c > s for c, s in zip(candidate.pop("scores"), incumbent.pop("scores"))]   # same prompts, same order
     metrics.update({"eval/win_rate": sum(wins) / len(wins), "eval/candidate_score": candidate["score"], "eval/serving_score": incumbent["score"],
                     "eval/reward_gain": candidate["score"] - incumbent["score"], "eval/candidate_kl": candidate["kl"],
+                    "eval/candidate_kl_sampled": candidate["kl_sampled"],
                     "eval/serving_kl": incumbent["kl"], "eval/candidate_length": candidate["length"],
                     "eval/serving_length": incumbent["length"], "eval/candidate_eos_rate": candidate["eos_rate"],
                     "eval/gate_prompts": len(gate_prompts), "eval/passed": passed})

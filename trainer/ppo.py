@@ -35,6 +35,15 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
     return logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def token_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """KL(π‖π_ref) between the two next-token distributions at each position, over the whole vocabulary; logits
+    (..., vocab) already tempered -> (...). Summed over an answer's positions it has the same expectation as the
+    sampled log-ratio Σ log π(y_t)/π_ref(y_t) (the KL of the answers), with less spread: it averages over every token
+    the policy could have chosen at each step, not only the one it chose."""
+    logp, logq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
 def response_mask(response_lengths: Tensor, resp_len: int) -> Tensor:
     """(batch, resp_len) bool, True on real answer tokens (the final EOS included)."""
     positions = torch.arange(resp_len, device=response_lengths.device)
@@ -205,10 +214,11 @@ def load_value_head(folder: str | Path, hidden_size: int, device="cpu") -> Value
     return value_head.to(device)
 
 
-def forward_logprobs_values(policy, value_head: ValueHead | None, query_response_ids: Tensor, attention_mask: Tensor,
-                            context_length: int, temperature: float = 1.0, lower: Tensor | None = None,
-                            lower_layers: int = 0) -> tuple[Tensor, Tensor | None]:
-    """(logprobs, values) of the response tokens, both (batch, resp_len); values None without a head.
+def forward_logits_values(policy, value_head: ValueHead | None, query_response_ids: Tensor, attention_mask: Tensor,
+                          context_length: int, temperature: float = 1.0, lower: Tensor | None = None,
+                          lower_layers: int = 0) -> tuple[Tensor, Tensor | None]:
+    """(logits / temperature, values) at the response positions: (batch, resp_len, vocab) and (batch, resp_len), the
+    values None without a head; position t holds the distribution of response token t.
 
     Rows are left-padded prompts of width `context_length` followed by right-padded responses. `lower` is the output
     of the first `lower_layers` decoder layers for these rows (trainer/frozen_layers.py): only the layers above run.
@@ -224,10 +234,17 @@ def forward_logprobs_values(policy, value_head: ValueHead | None, query_response
                      logits_to_keep=resp_len + 1)                  # no logits over the prompt: the vocab is large
         logits = out.logits[:, :-1]                                # (batch, resp_len, vocab); position t predicts t+1
         hidden = out.hidden_states[-1][:, context_length - 1:-1] if value_head is not None else None
-    logprobs = logprobs_from_logits(logits / temperature, query_response_ids[:, context_length:])
-    if value_head is None:
-        return logprobs, None
-    return logprobs, value_head(hidden)                            # V of the state before each response token
+    return logits / temperature, (value_head(hidden) if value_head is not None else None)   # V of the state before
+
+
+def forward_logprobs_values(policy, value_head: ValueHead | None, query_response_ids: Tensor, attention_mask: Tensor,
+                            context_length: int, temperature: float = 1.0, lower: Tensor | None = None,
+                            lower_layers: int = 0) -> tuple[Tensor, Tensor | None]:
+    """(logprobs, values) of the response tokens, both (batch, resp_len); values None without a head
+    (`forward_logits_values`'s arguments)."""
+    logits, values = forward_logits_values(policy, value_head, query_response_ids, attention_mask, context_length,
+                                           temperature, lower, lower_layers)
+    return logprobs_from_logits(logits, query_response_ids[:, context_length:]), values
 
 
 def pack_query_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device) -> dict:
@@ -291,21 +308,29 @@ def served_rows(tokenizer, pairs: list[dict], max_prompt_tokens: int, response_l
 @torch.no_grad()
 def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, cfg: PPOConfig,
                     score_stats: RunningMoments | None = None, kl_coef: float | None = None) -> dict:
-    """Add old logprobs, ref logprobs, values, rewards, kl, advantages and returns (batch, resp_len) to `batch`."""
+    """Add old logprobs, ref logprobs, values, rewards, kl, advantages and returns (batch, resp_len) to `batch`, and
+    exact_kl (batch, resp_len): `token_kl` at each answer position, what the cycle measures its KL to the base by
+    (the reward's penalty stays the sampled log-ratio `kl` [Ziegler et al. 2019])."""
     ids, attn, ctx = batch["query_response"], batch["attention_mask"], batch["context_length"]
     chunks = [slice(i, i + cfg.minibatch_size) for i in range(0, len(ids), cfg.minibatch_size)]  # bounds memory
     frozen = frozen_layer_count(policy) if cfg.cache_frozen_layers else 0
     lowers = [lower_hidden(policy, ids[c], attn[c], frozen) for c in chunks]   # the same with or without the adapter
     if any(lower is None for lower in lowers):
         lowers, frozen = [None] * len(chunks), 0
-    old = [forward_logprobs_values(policy, value_head, ids[c], attn[c], ctx, cfg.temperature, lower, frozen)
-           for c, lower in zip(chunks, lowers)]
-    logprobs, values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])   # (batch, resp_len)
-    with policy.disable_adapter():                              # the reference: same weights, no adapter
-        ref_logprobs = torch.cat([forward_logprobs_values(policy, None, ids[c], attn[c], ctx, cfg.temperature,
-                                                          lower, frozen)[0]
-                                  for c, lower in zip(chunks, lowers)])   # (batch, resp_len)
+    parts: dict[str, list[Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "token_kl": []}
+    for c, lower in zip(chunks, lowers):                        # a chunk's two distributions side by side
+        targets = ids[c][:, ctx:]
+        logits, values = forward_logits_values(policy, value_head, ids[c], attn[c], ctx, cfg.temperature, lower, frozen)
+        with policy.disable_adapter():                          # the reference: same weights, no adapter
+            ref_logits, _ = forward_logits_values(policy, None, ids[c], attn[c], ctx, cfg.temperature, lower, frozen)
+        for key, value in (("logprobs", logprobs_from_logits(logits, targets)), ("values", values),
+                           ("ref_logprobs", logprobs_from_logits(ref_logits, targets)),
+                           ("token_kl", token_kl(logits, ref_logits))):
+            parts[key].append(value)
+        del logits, ref_logits                                  # (chunk, resp_len, vocab) each: free before the next
+    logprobs, values, ref_logprobs = (torch.cat(parts[k]) for k in ("logprobs", "values", "ref_logprobs"))
     mask = response_mask(batch["response_lengths"], logprobs.shape[1])
+    exact_kl = torch.cat(parts["token_kl"]) * mask              # (batch, resp_len) the per-position KL, measured
     scores = scores.to(logprobs.device).float()                 # (batch,)
     if cfg.normalize_reward and score_stats is not None:       # scale by the running std of scores [37 details]
         score_stats.update(scores)
@@ -318,7 +343,7 @@ def make_experience(policy, value_head: ValueHead, batch: dict, scores: Tensor, 
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask)            # advantage normalisation [37 details]
     return {**batch, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "mask": mask,
-            "rewards": rewards, "kl": kl, "advantages": advantages, "returns": returns,
+            "rewards": rewards, "kl": kl, "exact_kl": exact_kl, "advantages": advantages, "returns": returns,
             "lower": torch.cat(lowers) if frozen else None, "lower_layers": frozen}   # (batch, T, hidden) or None
 
 
@@ -458,7 +483,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         # 2. experience: old and reference logprobs, values, rewards, advantages
         pace()
         exp = make_experience(policy, value_head, batch, scores, cfg, score_stats, kl_coef=kl_ctl.value)
-        rollout_kl = exp["kl"][fresh].sum(1).mean().item()      # nats per answer, this policy's own answers
+        rollout_kl = exp["exact_kl"][fresh].sum(1).mean().item()   # nats per answer, this policy's own answers
         kl_ctl.update(rollout_kl, len(rows))                    # β for the next batch
         rollout_s = time.perf_counter() - started
         for key, seconds in (("generate", generated - started), ("score", scored - generated),
@@ -499,7 +524,7 @@ def train_ppo(policy, value_head: ValueHead, tokenizer, prompts_messages: list[l
         metrics.update(update)
         metrics.update({
             "objective/score": raw_scores.mean().item(),
-            "objective/kl": rollout_kl,
+            "objective/kl": rollout_kl, "objective/kl_sampled": exp["kl"][fresh].sum(1).mean().item(),
             "objective/length": exp["response_lengths"][fresh].float().mean().item(),
             "objective/eos_rate": exp["ended_with_eos"][fresh].float().mean().item(),
             "objective/served_rows": len(extra),
