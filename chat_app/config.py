@@ -127,6 +127,15 @@ class RewardConfig:
     ppo_length_weight: float = 1.0
     """`heads`, decoupled: share of the length effect PPO's reward keeps (1: the whole score). 0.5 and 0 both did
     worse than 1 on 150 `readable` votes (0.54, 0.56 against 0.61; at 0 the answers grew from 90 to 111 tokens)."""
+    min_skill_confidence: float = 0.95
+    """`heads`: PPO runs only when the reward model reads the votes better than a coin at this confidence (a one-sided
+    binomial test on its out-of-sample pair accuracy: out-of-fold over the training prompts plus the held-out
+    prompts); otherwise the cycle is skipped and the served policy stays until more votes arrive (0: always train).
+    A reward model that knows nothing still moves the policy: from 300 `relevant` votes (accuracy 0.54 of 199, not
+    above chance) PPO spent 7.9 nats making answers 0.46x as long, and `relevant` preferred them only for that
+    (0.60, 0.47 at equal length); 150 `positive` votes (0.51 of 102) gave a policy whose gain was mostly length
+    (0.62, 0.56 at equal length). Every `readable` run passed it (0.68-0.82 of 53-232 pairs, p <= 0.001), and 300
+    `positive` votes did (0.61 of 206; issue 12)."""
     ppo_uncertainty_penalty: float = 1.0
     """`heads`: κ in PPO's reward mean − κ·(spread of the heads' scores): a policy that drifts to answers unlike the
     voted ones, where the bootstrap heads disagree, gains less (Coste et al. 2023, reward-model ensembles against

@@ -1,5 +1,6 @@
 """The feature-head reward model: learns, uses ties, calibrates, knows where it is unsure, caches features."""
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,6 +135,27 @@ def test_features_are_cached_so_a_retrain_reads_only_new_votes(cfg, base, tokeni
 def test_too_few_pairs_is_skipped(cfg, base, tokenizer):
     rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, separable_pairs(3))
     assert rm is None and "skipped" in metrics["rm/skipped"]
+
+
+def test_chance_p_value_by_hand():
+    from trainer.reward_heads import chance_p_value
+
+    assert chance_p_value(3, 3) == 1 / 8 and chance_p_value(0, 5) == 1.0
+    assert chance_p_value(2, 4) == (6 + 4 + 1) / 16             # 2, 3 or 4 right of 4
+
+
+def test_a_reward_model_that_reads_votes_no_better_than_chance_trains_no_policy(cfg, base, tokenizer, trained):
+    # the same answers, each pair's order a coin flip: nothing in the answers tells chosen from rejected
+    rng = random.Random(5)
+    coin = [p if rng.random() < 0.5 else {**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+            for p in separable_pairs(60)]
+    rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, coin, seed=0)
+    assert rm is None and "no better than chance" in metrics["rm/skipped"], metrics
+    assert metrics["rm/chance_p_value"] > 0.05 and metrics["rm/out_of_sample_pairs"] == 60
+    _, learned = trained                                         # the warm/cold votes: far above chance
+    assert learned["rm/chance_p_value"] < 1e-6 and learned["rm/out_of_sample_accuracy"] >= 0.85
+    off = train_head_reward_model(base, tokenizer, replace(cfg.reward, min_skill_confidence=0), coin, seed=0)
+    assert off[0] is not None                                   # 0: train whatever the votes say
 
 
 def test_the_pair_shown_is_the_one_whose_order_is_least_certain():

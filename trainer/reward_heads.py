@@ -280,6 +280,14 @@ def cross_validate(features_a: Tensor, features_b: Tensor, outcomes: Tensor, fol
     return best, results, oof[best]
 
 
+def chance_p_value(correct: int, total: int) -> float:
+    """P(at least `correct` right of `total` | each right with probability 1/2): how likely a coin reads the votes as
+    well (the one-sided binomial test; exact, in integers)."""
+    if total <= 0:
+        return 1.0
+    return sum(math.comb(total, k) for k in range(correct, total + 1)) / 2 ** total
+
+
 def fit_temperature(margins: Tensor, signs: Tensor) -> float:
     """T > 0 minimising -log σ(margin·sign / T) on out-of-fold margins (temperature scaling, Guo et al. 2017)."""
     log_t = torch.zeros((), requires_grad=True)
@@ -442,10 +450,12 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
     else:
         l2, cv_losses, oof = cfg.l2_grid[len(cfg.l2_grid) // 2], {}, None
     decided_train = outcomes[train_rows] != 0.5
+    out_of_sample: list[bool] = []                           # each decided pair, read by heads that never saw it
     if oof is not None:
         signs = outcomes[train_rows][decided_train] * 2 - 1
         temperature = fit_temperature(oof[decided_train], signs)
-        metrics["rm/cv_accuracy"] = ((oof[decided_train] * signs) > 0).float().mean().item()
+        out_of_sample += ((oof[decided_train] * signs) > 0).tolist()
+        metrics["rm/cv_accuracy"] = sum(out_of_sample) / len(out_of_sample)
     else:
         temperature = 1.0
     held = None
@@ -457,11 +467,15 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
             stats = ensemble.pair_stats(features_a[held_rows], features_b[held_rows])
             right = stats["margin"] > 0                      # the chosen answer is always the first here
             confidence = torch.where(right, stats["p_a"], 1 - stats["p_a"])
+            out_of_sample += right.tolist()
             held = {"rm/accuracy": right.float().mean().item(), "rm/margin": stats["margin"].mean().item(),
                     "rm/loss": -F.logsigmoid(stats["margin"]).mean().item(),
                     "rm/heldout_pairs": len(held_rows), "rm/uncertainty": stats["margin_std"].mean().item(),
                     **{f"rm/{k}": v for k, v in calibration(confidence, right).items()}}
     metrics.update(held or {"rm/accuracy": None, "rm/heldout_pairs": 0})
+    p_value = chance_p_value(sum(out_of_sample), len(out_of_sample))
+    metrics.update({"rm/out_of_sample_accuracy": sum(out_of_sample) / max(len(out_of_sample), 1),
+                    "rm/out_of_sample_pairs": len(out_of_sample), "rm/chance_p_value": p_value})
 
     # 3. the model kept: every pair, the same strength and temperature
     rm.ensemble = fit_ensemble(features_a, features_b, outcomes, cfg, l2, seed)
@@ -484,6 +498,13 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
           f"{metrics.get('rm/cv_accuracy', float('nan')):.3f}, train acc {metrics['rm/train_accuracy']:.3f}, "
           f"l2 {l2:g}, T {temperature:.2f}, {len(missing)} pairs read, {metrics['time/reward_s']:.1f} s",
           flush=True)
+    if cfg.min_skill_confidence > 0 and p_value > 1 - cfg.min_skill_confidence:
+        reason = (f"skipped: the reward model read {sum(out_of_sample)} of {len(out_of_sample)} pairs it had not seen "
+                  f"({metrics['rm/out_of_sample_accuracy']:.2f}), no better than chance at "
+                  f"{cfg.min_skill_confidence:g} confidence (p {p_value:.2f}): the served policy stays until the votes "
+                  f"say more")
+        print(f"rm: {reason}", flush=True)
+        return None, {**metrics, "rm/skipped": reason}
     return rm, metrics
 
 
