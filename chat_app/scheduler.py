@@ -191,8 +191,13 @@ class RetrainScheduler:
 
     def new_votes(self) -> int:
         """Votes since the last run that read them: a run skipped for too few pairs trained on nothing, so its
-        votes still count towards the next one."""
+        votes still count towards the next one; a run skipped because its reward model read them no better than
+        chance (`reward.min_skill_confidence`) did read them, and the next waits for new votes."""
         last = self.app.store.last_run(("running", "succeeded", "rejected", "failed"))
+        read = next((r for r in self.app.store.runs(limit=20) if r["status"] == "skipped"
+                     and "rm/chance_p_value" in (r["metrics"] or {})), None)
+        if read is not None and (last is None or read["id"] > last["id"]):
+            last = read
         return self.app.store.votes_since(last["started_at"] if last else None)
 
     def is_running(self) -> bool:

@@ -52,6 +52,22 @@ def test_new_votes_count_from_the_last_run_and_settings_survive_a_restart(app):
     assert again.settings["min_new_votes"] == 2 and again.settings["enabled"] is False
 
 
+def test_a_run_whose_reward_model_read_chance_waits_for_new_votes(app):
+    # reward.min_skill_confidence: that run read every vote; the next must not fit the same votes again
+    from test_store import make_pair
+
+    scheduler = RetrainScheduler(app)
+    for _ in range(3):
+        app.store.record_vote(make_pair(app.store), "a", "t")
+    run = app.store.start_run("scheduler")
+    app.store.finish_run(run, "skipped", error="skipped: the reward model read 1 of 3 pairs it had not seen",
+                         metrics={"rm/chance_p_value": 0.88})
+    assert scheduler.new_votes() == 0
+    time.sleep(0.01)                                            # a vote after that run counts
+    app.store.record_vote(make_pair(app.store), "b", "t")
+    assert scheduler.new_votes() == 1
+
+
 def test_a_killed_training_run_is_recorded_and_serving_goes_on(app):
     scheduler = RetrainScheduler(app)
     scheduler.start()
