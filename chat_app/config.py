@@ -215,10 +215,11 @@ class PPOConfig:
     kl_budget: float = 10.0
     """The cycle's ceiling on the KL to the base (nats per answer; issue 12 asks for <= 10; 0: none), measured as the
     exact KL of each next-token distribution summed over the rollouts' answers (`trainer.ppo.token_kl`: the sampled
-    log-ratio's expectation with less spread, 4.6 against 5.9 nats per answer): once a batch of rollouts reaches it, PPO undoes the update that carried it there and goes on from the policy whose rollouts
-    were within it at half the step (`kl_backtracks` times); it stops when there is no update to undo (that policy
-    measured past it again, or a warm start already there). The update of the cycle's last iteration is not
-    measured again: the gate's KL is the check. Stopping after the update that crossed instead let one iteration
+    log-ratio's expectation with less spread, 4.6 against 5.9 nats per answer): once a batch of rollouts reaches
+    it, PPO undoes the update that carried it there and goes on from the policy whose rollouts were within it at
+    half the step (`kl_backtracks` times); it stops when there is no update to undo (that policy measured past it
+    again, or a warm start already there). The update of the cycle's last iteration is not measured again: the
+    gate's KL is the check. Stopping after the update that crossed instead let one iteration
     go from 9.4 to 15.1 nats (1e-3, 150 votes). A warm cycle counts from the base too."""
     kl_backtracks: int = 2
     """Updates the ceiling may undo before PPO stops rather than halve its step again (0: stop at the first)."""
