@@ -112,8 +112,16 @@ class RewardConfig:
     ensemble_size: int = 8
     """`heads`: heads in the ensemble (the first fitted on every pair, the rest on bootstrap resamples); their
     spread is the uncertainty of a score."""
-    l2_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-    """`heads`: ridge strengths tried; the one with the best log-loss over prompt folds is kept."""
+    feature_layers: int = 10
+    """`heads`: evenly spaced layers of the base model whose mean hidden state over the answer the heads read (10 of
+    SmolLM2's 30: every third). Chosen on five judges at once, not one (issue 12): 5-fold-by-prompt CV on 300 voted
+    pairs of the base's answers, 10 layers against 3 plus the last token's state, accuracy / log-loss: `readable`
+    0.78 / 0.46 against 0.73 / 0.54, `positive` 0.64 / 0.62 against 0.63 / 0.64, `relevant` 0.63 / 0.63 against
+    0.61 / 0.64, `concise` 0.93 / 0.20 against 0.91 / 0.20, `longer` 0.995 / 0.01 against 0.97 / 0.07. Reading them
+    costs nothing more (the forward computes every layer); the cache keeps ~46 KB per vote."""
+    l2_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    """`heads`: ridge strengths tried; the one with the best log-loss over prompt folds is kept (noisy voters pick
+    the strongest: 10 was added with `feature_layers` 10, whose 5,765 features want more shrinkage)."""
     cv_folds: int = 5
     """`heads`: folds by prompt for choosing the strength and the calibration temperature."""
     use_ties: bool = True
@@ -441,6 +449,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                           f"{canary.share}, min_votes {canary.min_votes}, max_votes {canary.max_votes}, z {canary.z}")
     if not 0 <= config.reward.ppo_length_weight <= 1:
         raise ConfigError(f"reward.ppo_length_weight: expected a share in [0, 1]; got {config.reward.ppo_length_weight}")
+    if config.reward.feature_layers < 1:
+        raise ConfigError(f"reward.feature_layers: expected 1 or more; got {config.reward.feature_layers}")
     if not 0 <= config.reward.min_skill_confidence < 1:
         raise ConfigError(f"reward.min_skill_confidence: expected a confidence in [0, 1) (0: off); got "
                           f"{config.reward.min_skill_confidence}")

@@ -14,7 +14,8 @@ def test_yaml_and_overrides_build_one_typed_object():
                                                ("serve.port=abc", "serve.port: expected int"),
                                                ("ppo", "is not key=value"),
                                                ("reward.min_skill_confidence=1",
-                                                "reward.min_skill_confidence: expected")])
+                                                "reward.min_skill_confidence: expected"),
+                                               ("reward.feature_layers=0", "reward.feature_layers: expected")])
 def test_bad_keys_and_types_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", [override])

@@ -50,6 +50,8 @@ def test_a_cycle_registers_a_versioned_adapter_with_its_metrics(tiny_config, qua
         assert key in version["metrics"], key
     assert (Path(version["adapter_path"]) / "adapter_model.safetensors").exists()
     assert (Path(version["adapter_path"]) / "value_head.safetensors").exists()
+    # the reward features, kept apart from the versions for the next run
+    assert (Path(tiny_config.serve.adapters_dir) / "reward_features" / "features.safetensors").exists()
     run = store.run(summary["run_id"])
     assert run["candidate_version"] == summary["version"] and run["progress"]["stage"] == "gate"
     assert json.dumps(summary)  # the CLI prints it

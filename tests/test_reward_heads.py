@@ -128,13 +128,44 @@ def test_features_are_cached_so_a_retrain_reads_only_new_votes(cfg, base, tokeni
     answers = [p["chosen"] for p in pairs[:5]]
     prompts = [p["prompt_messages"] for p in pairs[:5]]
     assert torch.allclose(loaded.score(prompts, answers), rm.score(prompts, answers), atol=1e-5)
-    cached = answer_features(base, tokenizer, prompts[:1], answers[:1], cfg.reward.max_length)[0]
+    cached = answer_features(base, tokenizer, prompts[:1], answers[:1], cfg.reward.max_length,
+                             layers=cfg.reward.feature_layers)[0]
     assert torch.allclose(loaded.feature_cache[0][0], cached, atol=1e-4)
+
+
+def test_a_reward_model_saved_in_the_first_layout_still_loads(cfg, base, tokenizer, tmp_path):
+    """Versions saved before `reward.feature_layers` read 3 layers and the last token's state (FORMAT 1): a server
+    that loads one to pick pairs, or an evaluation, must read the features the heads were fitted on."""
+    import json
+
+    from trainer.reward_heads import META_FILE, fit_ensemble, pair_outcomes
+
+    pairs = separable_pairs(40)
+    prompts = [p["prompt_messages"] for p in pairs]
+    old = {side: answer_features(base, tokenizer, prompts, [p[side] for p in pairs], cfg.reward.max_length,
+                                 layers=3, last_token=True) for side in ("chosen", "rejected")}
+    assert old["chosen"].shape[1] == answer_features(base, tokenizer, prompts[:1], ["a"], 64, layers=3).shape[1] + 64
+    ensemble = fit_ensemble(old["chosen"], old["rejected"], pair_outcomes(pairs), cfg.reward, l2=0.1)
+    HeadRewardModel(base, tokenizer, ensemble, cfg.reward.max_length, layers=3, last_token=True).save(tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / META_FILE).read_text())
+    del meta["feature_layers"]
+    (tmp_path / "v1" / META_FILE).write_text(json.dumps({**meta, "format": 1}))
+    loaded = HeadRewardModel.load(base, tokenizer, tmp_path / "v1")
+    assert loaded.last_token and loaded.layers == 3
+    chosen = loaded.score(prompts, [p["chosen"] for p in pairs])
+    assert torch.allclose(chosen, ensemble.scores(old["chosen"]), atol=1e-4)
+    assert (chosen > loaded.score(prompts, [p["rejected"] for p in pairs])).float().mean() > 0.9
 
 
 def test_too_few_pairs_is_skipped(cfg, base, tokenizer):
     rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, separable_pairs(3))
     assert rm is None and "skipped" in metrics["rm/skipped"]
+
+
+def coin_flips(pairs: list[dict], seed: int = 5) -> list[dict]:
+    """The same answers, each pair's order a coin flip: nothing in the answers tells chosen from rejected."""
+    rng = random.Random(seed)
+    return [p if rng.random() < 0.5 else {**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
 
 
 def test_chance_p_value_by_hand():
@@ -145,10 +176,7 @@ def test_chance_p_value_by_hand():
 
 
 def test_a_reward_model_that_reads_votes_no_better_than_chance_trains_no_policy(cfg, base, tokenizer, trained):
-    # the same answers, each pair's order a coin flip: nothing in the answers tells chosen from rejected
-    rng = random.Random(5)
-    coin = [p if rng.random() < 0.5 else {**p, "chosen": p["rejected"], "rejected": p["chosen"]}
-            for p in separable_pairs(60)]
+    coin = coin_flips(separable_pairs(60))
     rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, coin, seed=0)
     assert rm is None and "no better than chance" in metrics["rm/skipped"], metrics
     assert metrics["rm/chance_p_value"] > 0.05 and metrics["rm/out_of_sample_pairs"] == 60
@@ -156,6 +184,23 @@ def test_a_reward_model_that_reads_votes_no_better_than_chance_trains_no_policy(
     assert learned["rm/chance_p_value"] < 1e-6 and learned["rm/out_of_sample_accuracy"] >= 0.85
     off = train_head_reward_model(base, tokenizer, replace(cfg.reward, min_skill_confidence=0), coin, seed=0)
     assert off[0] is not None                                   # 0: train whatever the votes say
+
+
+def test_a_run_skipped_for_chance_keeps_the_features_it_read(cfg, base, tokenizer, tmp_path):
+    """No version is stored when the reward model reads chance, but its features are: the next run reads only the
+    votes that came since."""
+    coin = coin_flips(separable_pairs(60))
+    rm, metrics = train_head_reward_model(base, tokenizer, cfg.reward, coin, cache_folder=tmp_path / "features")
+    assert rm is None and metrics["rm/new_pairs"] == 60
+    more = coin + [{**p, "comparison_id": 1000 + i} for i, p in enumerate(separable_pairs(8, seed=3))]
+    _, again = train_head_reward_model(base, tokenizer, cfg.reward, more, previous=tmp_path / "features",
+                                       cache_folder=tmp_path / "features")
+    assert again["rm/new_pairs"] == 8
+    _, third = train_head_reward_model(base, tokenizer, cfg.reward, more, previous=tmp_path / "features")
+    assert third["rm/new_pairs"] == 0                           # the second run added its 8
+    other = replace(cfg.reward, max_length=cfg.reward.max_length // 2)   # read differently: nothing reused
+    _, fresh = train_head_reward_model(base, tokenizer, other, more, previous=tmp_path / "features")
+    assert fresh["rm/new_pairs"] == len(more)
 
 
 def test_the_pair_shown_is_the_one_whose_order_is_least_certain():

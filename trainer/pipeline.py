@@ -90,15 +90,18 @@ def _retrain(config: Config, store: Store, run_id: int, promote: bool) -> dict:
     pace()
     base = None
     if config.reward.kind == "heads":
-        from trainer.reward_heads import is_head_reward_model, train_head_reward_model
+        from trainer.reward_heads import FEATURES_FILE, FEATURES_FOLDER, is_head_reward_model, train_head_reward_model
 
         base = load_model(config.model, tokenizer)          # read frozen, then wrapped by the policy's LoRA below
-        # features depend on the base and the votes only: the newest version's cache serves, even a rejected one's
-        cached = next((v["reward_adapter_path"] for v in reversed(store.versions())
-                       if is_head_reward_model(v.get("reward_adapter_path"))), None)
+        # features depend on the base and the votes only: kept in their own folder by every run that reads any (a
+        # run skipped for chance too); before there was one, the newest version's cache, even a rejected one's
+        shared = Path(config.serve.adapters_dir) / FEATURES_FOLDER
+        cached = shared if (shared / FEATURES_FILE).exists() else next(
+            (v["reward_adapter_path"] for v in reversed(store.versions())
+             if is_head_reward_model(v.get("reward_adapter_path"))), None)
         reward_model, rm_metrics = train_head_reward_model(
             base, tokenizer, config.reward, store.preference_pairs(include_ties=config.reward.use_ties),
-            previous=cached, progress=progress, seed=0)
+            previous=cached, progress=progress, seed=0, cache_folder=shared)
     else:
         warm = config.reward.warm_start and previous_rm and Path(previous_rm).exists() \
             and not (Path(previous_rm) / "reward_heads.json").exists()
