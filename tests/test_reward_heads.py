@@ -198,9 +198,9 @@ def test_a_run_skipped_for_chance_keeps_the_features_it_read(cfg, base, tokenize
     assert again["rm/new_pairs"] == 8
     _, third = train_head_reward_model(base, tokenizer, cfg.reward, more, previous=tmp_path / "features")
     assert third["rm/new_pairs"] == 0                           # the second run added its 8
-    other = replace(cfg.reward, max_length=cfg.reward.max_length // 2)   # read differently: nothing reused
-    _, fresh = train_head_reward_model(base, tokenizer, other, more, previous=tmp_path / "features")
-    assert fresh["rm/new_pairs"] == len(more)
+    for other in (replace(cfg.reward, max_length=cfg.reward.max_length // 2), replace(cfg.reward, feature_layers=1)):
+        _, fresh = train_head_reward_model(base, tokenizer, other, more, previous=tmp_path / "features")
+        assert fresh["rm/new_pairs"] == len(more)               # read differently: nothing reused
 
 
 def test_the_pair_shown_is_the_one_whose_order_is_least_certain():

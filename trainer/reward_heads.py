@@ -371,12 +371,13 @@ class HeadRewardModel:
             tensors["length_weights"] = e.length_weights
         save_file(tensors, folder / HEADS_FILE)
         save_feature_cache(folder, self.feature_cache,
-                           cache_key(self.backbone, self.tokenizer, self.max_length, e.mean.numel()))
+                           cache_key(self.backbone, self.tokenizer, self.max_length, e.mean.numel(), self.layers))
         (folder / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "heads", "temperature": e.temperature,
                                                     "l2": e.l2, "max_length": self.max_length,
                                                     "feature_layers": self.layers,
                                                     "cache_key": cache_key(self.backbone, self.tokenizer,
-                                                                           self.max_length, e.mean.numel())}))
+                                                                           self.max_length, e.mean.numel(),
+                                                                           self.layers)}))
 
     @classmethod
     def load(cls, backbone, tokenizer, folder: str | Path) -> "HeadRewardModel":
@@ -392,7 +393,7 @@ class HeadRewardModel:
                  last_token=old)
         if not old:
             rm.feature_cache = load_feature_cache(folder, cache_key(backbone, tokenizer, meta["max_length"],
-                                                                     ensemble.mean.numel()))
+                                                                     ensemble.mean.numel(), rm.layers))
         return rm
 
 
@@ -400,12 +401,12 @@ def is_head_reward_model(folder: str | Path | None) -> bool:
     return folder is not None and (Path(folder) / META_FILE).exists()
 
 
-def cache_key(backbone, tokenizer, max_length: int, dims: int) -> dict:
+def cache_key(backbone, tokenizer, max_length: int, dims: int, layers: int) -> dict:
     """What cached features depend on: the base model, the tokenizer, the length read and the feature layout."""
     config = backbone.config
     return {"format": FORMAT, "model": getattr(config, "_name_or_path", ""), "layers": config.num_hidden_layers,
             "hidden": config.hidden_size, "tokenizer": getattr(tokenizer, "name_or_path", ""),
-            "vocab": len(tokenizer), "max_length": max_length, "dims": dims}
+            "vocab": len(tokenizer), "max_length": max_length, "dims": dims, "feature_layers": layers}
 
 
 def load_feature_cache(folder: str | Path | None, key: dict) -> dict[int, tuple[Tensor, Tensor]]:
@@ -460,7 +461,7 @@ def train_head_reward_model(backbone, tokenizer, cfg: RewardConfig, pairs: list[
                          ppo_length_weight=cfg.ppo_length_weight, ppo_uncertainty_penalty=cfg.ppo_uncertainty_penalty,
                          layers=cfg.feature_layers)
     probe = rm.features([pairs[0]["prompt_messages"]], [pairs[0]["chosen"]])
-    key = cache_key(backbone, tokenizer, cfg.max_length, probe.shape[1])
+    key = cache_key(backbone, tokenizer, cfg.max_length, probe.shape[1], cfg.feature_layers)
     cache = load_feature_cache(previous, key)
     rows: list = [cache.get(p.get("comparison_id")) for p in pairs]   # (chosen, rejected) features per pair
     missing = [i for i, r in enumerate(rows) if r is None]
