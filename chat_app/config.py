@@ -118,7 +118,9 @@ class RewardConfig:
     pairs of the base's answers, 10 layers against 3 plus the last token's state, accuracy / log-loss: `readable`
     0.78 / 0.46 against 0.73 / 0.54, `positive` 0.64 / 0.62 against 0.63 / 0.64, `relevant` 0.63 / 0.63 against
     0.61 / 0.64, `concise` 0.93 / 0.20 against 0.91 / 0.20, `longer` 0.995 / 0.01 against 0.97 / 0.07. Reading them
-    costs nothing more (the forward computes every layer); the cache keeps ~46 KB per vote."""
+    costs nothing more (the forward computes every layer); the cache keeps ~46 KB per vote. One cold cycle each on
+    the votes of three 300-vote `readable` sets: the voters' judge preferred the new policy 0.82, 0.77 and 0.78 where
+    the old layout gave 0.68, 0.75 and 0.80; `positive` voters 0.72 against 0.67."""
     l2_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
     """`heads`: ridge strengths tried; the one with the best log-loss over prompt folds is kept (noisy voters pick
     the strongest: 10 was added with `feature_layers` 10, whose 5,765 features want more shrinkage)."""
