@@ -114,8 +114,10 @@ class RewardConfig:
     spread is the uncertainty of a score."""
     feature_layers: int = 10
     """`heads`: evenly spaced layers of the base model whose mean hidden state over the answer the heads read (10 of
-    SmolLM2's 30: every third). Chosen on five judges at once, not one (issue 12): 5-fold-by-prompt CV on 300 voted
-    pairs of the base's answers, 10 layers against 3 plus the last token's state, accuracy / log-loss: `readable`
+    SmolLM2's 30: every third; more than the model has reads each once). Changing it re-reads every vote's features
+    once (the cache is keyed by it). Chosen on five judges at once, not one (issue 12): 5-fold-by-prompt CV on 300
+    voted pairs of the base's answers, 10 layers against the layout before (3 layers and the last token's state),
+    accuracy / log-loss: `readable`
     0.78 / 0.46 against 0.73 / 0.54, `positive` 0.64 / 0.62 against 0.63 / 0.64, `relevant` 0.63 / 0.63 against
     0.61 / 0.64, `concise` 0.93 / 0.20 against 0.91 / 0.20, `longer` 0.995 / 0.01 against 0.97 / 0.07. Reading them
     costs nothing more (the forward computes every layer); the cache keeps ~46 KB per vote. One cold cycle each on

@@ -35,8 +35,9 @@ layers, then the last token's top hidden state, then the summary."""
 
 
 # -- features: what the frozen base model says about an answer ----------------------------------------
-def feature_layers(num_layers: int, count: int = 3) -> list[int]:
-    """Hidden-state indices read: `count` evenly spaced layers up to the top (3: a third, two thirds, the top)."""
+def feature_layers(num_layers: int, count: int = 10) -> list[int]:
+    """Hidden-state indices read: `count` evenly spaced layers up to the top (3: a third, two thirds, the top); a
+    count past `num_layers` reads every layer once."""
     return sorted({max(1, round(k * num_layers / count)) for k in range(1, count + 1)})
 
 
