@@ -35,22 +35,17 @@ layers, then the last token's top hidden state, then the summary."""
 
 
 # -- features: what the frozen base model says about an answer ----------------------------------------
-def feature_layers(num_layers: int, count: int = 10) -> list[int]:
-    """Hidden-state indices read: `count` evenly spaced layers up to the top (3: a third, two thirds, the top); a
-    count past `num_layers` reads every layer once."""
-    return sorted({max(1, round(k * num_layers / count)) for k in range(1, count + 1)})
-
-
-def summary_layers(num_layers: int) -> list[int]:
-    """The three layers whose prompt-answer cosines are summary features: a third, two thirds and the top."""
-    return [max(1, round(num_layers / 3)), max(1, round(2 * num_layers / 3)), num_layers]
+def spaced_layers(num_layers: int, count: int) -> list[int]:
+    """`count` evenly spaced hidden-state indices up to the top (3: a third, two thirds, the top); repeated where the
+    model has fewer layers than `count`."""
+    return [max(1, round(k * num_layers / count)) for k in range(1, count + 1)]
 
 
 @torch.no_grad()
 def answer_features(model, tokenizer, prompts_messages: list[list[dict]], answers: list[str], max_length: int,
                     batch_size: int = 8, layers: int = 10, last_token: bool = False) -> Tensor:
     """(n, features) float32: per answer, the mean hidden state over its tokens at `layers` evenly spaced layers
-    (`feature_layers`), then SUMMARY_FEATURES a linear head reads directly: the cosine between the answer's and the
+    (`spaced_layers`), then SUMMARY_FEATURES a linear head reads directly: the cosine between the answer's and the
     prompt's mean hidden state at a third, two thirds and the top (on topic or not), log(1 + answer tokens) and
     log(1 + characters) (style, as Chatbot Arena's style control; the gate and evaluation report the gain at equal
     length beside it). `model` is a causal LM (a PEFT model runs with its adapter disabled: the features are always
@@ -74,7 +69,8 @@ def answer_features(model, tokenizer, prompts_messages: list[list[dict]], answer
         with context:
             hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
                            use_cache=False, logits_to_keep=1).hidden_states
-        read, cosine_layers = feature_layers(len(hidden) - 1, layers), summary_layers(len(hidden) - 1)
+        read = sorted(set(spaced_layers(len(hidden) - 1, layers)))             # each layer once
+        cosine_layers = spaced_layers(len(hidden) - 1, 3)                       # always three summary cosines
         width = ids.shape[1]
         lengths = torch.tensor([answer_lengths[i] for i in rows], device=device)
         answer_mask = (torch.arange(width, device=device)[None, :] >= width - lengths[:, None]).float()  # (b, T)
@@ -375,10 +371,7 @@ class HeadRewardModel:
                            cache_key(self.backbone, self.tokenizer, self.max_length, e.mean.numel(), self.layers))
         (folder / META_FILE).write_text(json.dumps({"format": FORMAT, "kind": "heads", "temperature": e.temperature,
                                                     "l2": e.l2, "max_length": self.max_length,
-                                                    "feature_layers": self.layers,
-                                                    "cache_key": cache_key(self.backbone, self.tokenizer,
-                                                                           self.max_length, e.mean.numel(),
-                                                                           self.layers)}))
+                                                    "feature_layers": self.layers}))
 
     @classmethod
     def load(cls, backbone, tokenizer, folder: str | Path) -> "HeadRewardModel":
@@ -392,9 +385,8 @@ class HeadRewardModel:
         old = meta.get("format", 1) == 1                     # FORMAT 1: 3 layers and the last token's state
         rm = cls(backbone, tokenizer, ensemble, meta["max_length"], layers=3 if old else meta["feature_layers"],
                  last_token=old)
-        if not old:
-            rm.feature_cache = load_feature_cache(folder, cache_key(backbone, tokenizer, meta["max_length"],
-                                                                     ensemble.mean.numel(), rm.layers))
+        rm.feature_cache = load_feature_cache(folder, cache_key(backbone, tokenizer, meta["max_length"],
+                                                                 ensemble.mean.numel(), rm.layers))
         return rm
 
 
@@ -416,9 +408,8 @@ def load_feature_cache(folder: str | Path | None, key: dict) -> dict[int, tuple[
 
     if folder is None or not (Path(folder) / FEATURES_FILE).exists():
         return {}
-    meta_file = Path(folder) / FEATURES_META
-    meta = json.loads((meta_file if meta_file.exists() else Path(folder) / META_FILE).read_text())
-    if meta.get("cache_key") != key:
+    meta_file = Path(folder) / FEATURES_META                  # FORMAT 1 folders have none: their features are unread
+    if not meta_file.exists() or json.loads(meta_file.read_text()).get("cache_key") != key:
         return {}
     tensors = load_file(str(Path(folder) / FEATURES_FILE))
     return {int(i): (a, b) for i, a, b in zip(tensors["ids"].tolist(), tensors["a"], tensors["b"])}
